@@ -1,0 +1,60 @@
+"""Greedy, temperature and top-p sampling with per-request PRNG streams.
+
+A request's key for its i-th generated token is fold_in(request_key, i), so its samples do not
+depend on which batch, slot or worker it runs in: a request moved to another worker after a
+failure keeps drawing the same stream. Legend: B rows, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """Per-request sampling settings. temperature 0 is greedy."""
+
+  temperature: float = 0.0
+  top_p: float = 1.0
+  seed: int = 0
+
+  def __post_init__(self):
+    if not self.temperature >= 0:
+      raise ValueError(f"SamplingParams: temperature={self.temperature} must be >= 0 (0 = greedy)")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"SamplingParams: top_p={self.top_p} must be in (0, 1]")
+
+  def key_data(self) -> np.ndarray:
+    """The request's raw PRNG key, u32[2]."""
+    return np.asarray(jax.random.key_data(jax.random.key(self.seed)))
+
+
+def _sample_row(logits, key_data, step, temperature, top_p):
+  key = jax.random.fold_in(jax.random.wrap_key_data(key_data), step)
+  greedy = jnp.argmax(logits).astype(jnp.int32)
+  scaled = logits / jnp.maximum(temperature, 1e-6)
+  order = jnp.argsort(-scaled)
+  probs = jax.nn.softmax(scaled[order])
+  keep = (jnp.cumsum(probs) - probs) < top_p  # always keeps the most likely token
+  masked = jnp.where(keep, scaled[order], -jnp.inf)
+  drawn = order[jax.random.categorical(key, masked)].astype(jnp.int32)
+  return jnp.where(temperature > 0, drawn, greedy)
+
+
+@jax.jit
+def sample(logits, key_data, step, temperature, top_p):
+  """Samples one token per row.
+
+  Args:
+    logits: f32[B, V].
+    key_data: u32[B, 2] raw request keys (SamplingParams.key_data()).
+    step: i32[B] index of the token being generated in its request.
+    temperature: f32[B] (0 = greedy); top_p: f32[B] in (0, 1].
+  Returns:
+    i32[B] tokens.
+  """
+  return jax.vmap(_sample_row)(logits, key_data, step, temperature, top_p)

@@ -1,0 +1,9 @@
+"""Every test runs on the CPU platform with 8 devices (AW/EW cells are carved from them)."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
