@@ -33,7 +33,7 @@ def resolve_kernel(kernel: str) -> str:
 
 
 def expert_ffn(x: jax.Array, slot_ids: jax.Array, p: ExpertParams, kernel: str = "auto",
-               capacity_factor: float = 2.0) -> jax.Array:
+               capacity_factor: float = 2.0, load_tokens: int | None = None) -> jax.Array:
   """Runs each token through the expert in its slot.
 
   Args:
@@ -41,7 +41,9 @@ def expert_ffn(x: jax.Array, slot_ids: jax.Array, p: ExpertParams, kernel: str =
     slot_ids: i32[M] slot of each token in [0, E); -1 marks padding.
     p: experts stacked on the slot axis: w_gate/w_up [E, D, F], w_down [E, F, D].
     kernel: "auto" | "ragged" | "capacity" | "loop".
-    capacity_factor: "capacity" kernel only; slots per expert = ceil(factor * M / E).
+    capacity_factor: "capacity" kernel only; slots per expert = ceil(factor * load / E).
+    load_tokens: "capacity" kernel only; the expected number of real (non-padding) tokens,
+      when x is mostly padding (default M). Overflow still falls back to the exact branch.
   Returns:
     [M, D]: expert output per token, zeros for padding.
   """
@@ -51,7 +53,7 @@ def expert_ffn(x: jax.Array, slot_ids: jax.Array, p: ExpertParams, kernel: str =
   if kernel == "ragged":
     return _ragged(x, slot_ids, p)
   if kernel == "capacity":
-    return _capacity(x, slot_ids, p, capacity_factor)
+    return _capacity(x, slot_ids, p, capacity_factor * (load_tokens or x.shape[0]) / x.shape[0])
   raise ValueError(f"expert_ffn: kernel={kernel!r}; valid kernels are auto, ragged, capacity, loop")
 
 

@@ -1,0 +1,110 @@
+"""Launcher glue: ConfigDicts in, library objects and result files out.
+
+`configs/*.py` describe a run as an `ml_collections.ConfigDict` with a `model` sub-dict that
+mirrors `ModelConfig` field for field, plus launcher fields (seed, workdir, steps, ...).
+Launchers load it with `config_flags.DEFINE_config_file("config", ...)`, turn it into a
+`ModelConfig` here, and write their results (JSONL, summary.json, PNG) with the helpers here, so
+every launcher's outputs look the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any, Iterable
+
+import ml_collections
+from ml_collections import config_dict
+
+from tarragon_jax.config import ModelConfig
+
+
+def model_dict(**fields) -> ml_collections.ConfigDict:
+  """Every ModelConfig field as a ConfigDict: `fields`, ModelConfig's defaults for the rest.
+
+  Listing every field means each one can be overridden on the command line
+  (`--config.model.num_layers=4`); a None field becomes a typed placeholder so it can be set too.
+  The values are validated by building a ModelConfig once.
+
+  Raises:
+    ValueError: a field is unknown or the combination is invalid (ModelConfig's message).
+  """
+  values = ModelConfig.from_dict(fields).to_dict()
+  types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+  out = ml_collections.ConfigDict()
+  for name, value in values.items():
+    if value is None:
+      value = config_dict.placeholder(int if "int" in str(types[name]) else str)
+    out[name] = value
+  return out
+
+
+def model_config(cd: ml_collections.ConfigDict) -> ModelConfig:
+  """The ModelConfig of a launcher config (its `model` sub-dict); ModelConfig validates it."""
+  if "model" not in cd:
+    raise ValueError("launcher config has no `model` sub-dict; see configs/tiny.py")
+  return ModelConfig.from_dict(cd.model.to_dict())
+
+
+def make_workdir(path: str) -> str:
+  """Creates `path` (and parents) if needed; returns its absolute path."""
+  path = os.path.abspath(os.path.expanduser(path))
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+def fresh_dir(path: str) -> str:
+  """Empties or creates `path`: a launcher's own output directory, rewritten on every run."""
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  return make_workdir(path)
+
+
+def write_jsonl(path: str, records: Iterable[dict[str, Any]]) -> str:
+  """Writes one JSON object per line (overwriting `path`); returns `path`."""
+  with open(path, "w") as f:
+    for record in records:
+      f.write(json.dumps(record, sort_keys=True) + "\n")
+  return path
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """The records of a file written by `write_jsonl`."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def write_summary(workdir: str, summary: dict[str, Any], cd=None) -> str:
+  """Writes `summary` (and the launcher config, when given) to `workdir`/summary.json."""
+  record = dict(summary)
+  if cd is not None:
+    record["config"] = json.loads(cd.to_json_best_effort())
+  path = os.path.join(workdir, "summary.json")
+  with open(path, "w") as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+    f.write("\n")
+  return path
+
+
+def save_line_plot(path: str, series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str,
+                   title: str = "") -> str:
+  """Saves a PNG with one line per `series` entry (label -> (xs, ys)); returns `path`."""
+  import matplotlib
+
+  matplotlib.use("Agg")  # files only; never needs a display
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for label, (xs, ys) in series.items():
+    ax.plot(xs, ys, label=label, marker="." if len(xs) <= 50 else None)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

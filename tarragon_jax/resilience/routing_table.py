@@ -1,0 +1,63 @@
+"""The expert routing table (ERT): logical expert -> physical slots, with an epoch.
+
+An immutable value: every update returns a new table with a higher epoch. The datapath reads
+only `active` (the slot each expert is served from now) as an array input, so rerouting
+compiles nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from tarragon_jax.resilience.placement import Placement, _frozen
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RoutingTable:
+  replicas: np.ndarray  # i32[L, E, R] physical slots, the serving one first, -1 = none
+  slots_per_layer: int  # S: physical slot p lives on EW p // S, local slot p % S
+  epoch: int = 0
+
+  @classmethod
+  def from_placement(cls, placement: Placement) -> "RoutingTable":
+    return cls(placement.replicas, placement.slots_per_layer, 0)
+
+  @property
+  def active(self) -> np.ndarray:
+    """i32[L, E]: the physical slot serving each expert (-1 = unreachable)."""
+    return self.replicas[..., 0]
+
+  def device_array(self, device=None) -> jnp.ndarray:
+    return jnp.asarray(self.active, device=device)
+
+  def reroute(self, layer: int, expert: int, slot: int) -> "RoutingTable":
+    """Serves (layer, expert) from `slot`, which must already hold one of its replicas."""
+    row = [int(p) for p in self.replicas[layer, expert]]
+    if slot not in row or slot < 0:
+      raise ValueError(f"RoutingTable.reroute: slot {slot} holds no replica of expert {expert} "
+                       f"in layer {layer}; its replicas are {[p for p in row if p >= 0]}")
+    order = [slot] + [p for p in row if p != slot]
+    replicas = self.replicas.copy()
+    replicas[layer, expert] = order
+    return dataclasses.replace(self, replicas=_frozen(replicas), epoch=self.epoch + 1)
+
+  def without_ew(self, ew: int) -> "RoutingTable":
+    """Drops every slot on `ew`; each affected expert fails over to its next replica."""
+    S = self.slots_per_layer
+    replicas = self.replicas.copy()
+    L, E, R = replicas.shape
+    for l in range(L):
+      for e in range(E):
+        live = [p for p in replicas[l, e] if p >= 0 and p // S != ew]
+        replicas[l, e] = live + [-1] * (R - len(live))
+    return dataclasses.replace(self, replicas=_frozen(replicas), epoch=self.epoch + 1)
+
+  def unreachable(self) -> list[tuple[int, int]]:
+    """(layer, expert) pairs with no live replica."""
+    return [tuple(map(int, le)) for le in np.argwhere(self.active < 0)]
+
+  def ews_serving(self) -> set[int]:
+    return {int(p) // self.slots_per_layer for p in self.active.ravel() if p >= 0}

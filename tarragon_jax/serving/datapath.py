@@ -1,0 +1,127 @@
+"""The compiled pieces of the disaggregated datapath, one layer at a time.
+
+Attention-worker side: `aw_attend_and_pack` (attention, router, ERT lookup, fixed-capacity
+per-EW buffers) and `aw_combine` (weighted combine of what the EWs sent back, shared expert,
+residual). Expert-worker side: `ew_experts` (one batched expert call over the buffers of all
+AWs for one layer). The layer index and the routing table are array inputs, so neither a new
+layer nor a rerouted expert compiles anything.
+
+Legend: B rows, T tokens per row, M = B*T tokens, X top-k, D model, W expert workers,
+C = M*X buffer capacity per EW (every assignment fits even if all go to one EW), S slots per
+EW per layer, A attention workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from tarragon_jax.config import ModelConfig
+from tarragon_jax.layers.experts import expert_ffn
+from tarragon_jax.layers.kv_cache import KVCache
+from tarragon_jax.layers.moe import combine, shared_expert
+from tarragon_jax.layers.norms import rms_norm
+from tarragon_jax.layers.params import ExpertParams, ModelParams
+from tarragon_jax.layers.router import route
+from tarragon_jax.layers.sampling import sample
+from tarragon_jax.layers.transformer import attention_half, embed, logits
+
+
+def attention_params(params: ModelParams) -> ModelParams:
+  """The weights an AW holds: everything but the routed experts."""
+  moe = dataclasses.replace(params.layers.moe, experts=None)
+  return dataclasses.replace(params, layers=dataclasses.replace(params.layers, moe=moe))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_ew", "slots_per_layer"),
+                   donate_argnames=("cache",))
+def aw_attend_and_pack(p: ModelParams, cfg: ModelConfig, x, cache: KVCache, layer, slots, n_new,
+                       active, *, num_ew: int, slots_per_layer: int):
+  """Attention of one layer, then routing and packing of per-EW buffers.
+
+  Args:
+    p: AW weights (see `attention_params`).
+    x: [B, T, D] residual stream.
+    cache: this AW's KV cache (donated).
+    layer: i32[] layer index.
+    slots, n_new: i32[B] cache slot and real-token count of each row.
+    active: i32[L, E] physical slot serving each logical expert (the routing table).
+  Returns:
+    x after attention [B, T, D]; the cache; per-EW token buffers (W arrays [C, D]); per-EW
+    local slot ids (W arrays i32[C], -1 = empty); `dest` i32[M*X] where each assignment sits in
+    the concatenated buffers; routing weights f32[M, X]; normalized MoE input h [M, D].
+  """
+  lp = jax.tree.map(lambda w: w[layer], p.layers)
+  x, cache = attention_half(lp, cfg, x, cache, layer, slots, n_new)
+  B, T, D = x.shape
+  M, X = B * T, cfg.top_k
+  h = rms_norm(x, lp.mlp_norm, cfg.rms_eps).reshape(M, D)
+  ids, weights = route(lp.moe.router, cfg, h)
+  phys = active[layer][ids].reshape(M * X)
+  real = jnp.repeat((jnp.arange(T)[None, :] < n_new[:, None]).reshape(M), X) & (phys >= 0)
+  ew = jnp.where(real, phys // slots_per_layer, num_ew)  # padding goes to no EW
+  onehot = ew[:, None] == jnp.arange(num_ew)[None, :]
+  rank = jnp.take_along_axis(jnp.cumsum(onehot, 0) - 1, jnp.minimum(ew, num_ew - 1)[:, None], 1)
+  C = M * X
+  dest = jnp.where(real, ew * C + rank[:, 0], num_ew * C)
+  buf = jnp.zeros((num_ew * C, D), x.dtype).at[dest].set(jnp.repeat(h, X, axis=0), mode="drop")
+  local = jnp.full((num_ew * C,), -1, jnp.int32).at[dest].set(phys % slots_per_layer, mode="drop")
+  bufs = tuple(buf.reshape(num_ew, C, D))
+  locals_ = tuple(local.reshape(num_ew, C))
+  return x, cache, bufs, locals_, dest, weights, h
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def aw_combine(p: ModelParams, cfg: ModelConfig, x, h, layer, results, dest, weights):
+  """Weighted combine of the EWs' results, plus the shared expert and the residual.
+
+  Args:
+    results: W arrays [C, D], EW w's outputs for this AW's buffer.
+    dest, weights, h: from `aw_attend_and_pack`.
+  Returns:
+    [B, T, D] residual stream after this layer.
+  """
+  lp = jax.tree.map(lambda w: w[layer], p.layers)
+  out = jnp.concatenate(results, axis=0).at[dest].get(mode="fill", fill_value=0)
+  y = combine(out, weights) + shared_expert(lp.moe.shared, h)
+  return x + y.reshape(x.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_ew"))
+def ew_experts(w: ExpertParams, cfg: ModelConfig, layer, tokens, local_slots, *, num_ew: int):
+  """One EW's expert call for one layer over the buffers of all AWs.
+
+  Args:
+    w: this EW's experts, [L, S, ...] (primaries and shadows).
+    tokens: A arrays [C_a, D]; local_slots: A arrays i32[C_a] (-1 = empty).
+    num_ew: EWs in the cluster, to size the expected load of one EW.
+  Returns:
+    A arrays [C_a, D]: expert outputs for each AW's buffer (zeros where empty).
+  """
+  x = jnp.concatenate(tokens, axis=0)
+  s = jnp.concatenate(local_slots, axis=0)
+  lw = jax.tree.map(lambda a: a[layer], w)
+  load = max(1, x.shape[0] // (num_ew * cfg.top_k) * cfg.top_k)
+  y = expert_ffn(x, s, lw, cfg.expert_kernel, cfg.capacity_factor, load_tokens=load)
+  sizes = [t.shape[0] for t in tokens]
+  bounds = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
+  return tuple(jnp.split(y, bounds, axis=0))
+
+
+aw_embed = jax.jit(embed)
+
+
+@functools.partial(jax.jit, static_argnames="cfg", donate_argnames="cache")
+def aw_finish(p: ModelParams, cfg: ModelConfig, x, cache: KVCache, slots, n_new, key_data, step,
+              temperature, top_p):
+  """Ends a step: advances slot lengths, samples one token per row from its last real token.
+
+  Returns:
+    (i32[B] sampled tokens, the cache).
+  """
+  last = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]
+  tokens = sample(logits(p, cfg, last), key_data, step, temperature, top_p)
+  return tokens, cache.advance(slots, n_new)

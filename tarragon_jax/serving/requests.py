@@ -1,0 +1,70 @@
+"""Requests, their validation, and per-request state on the host."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import numpy as np
+
+from tarragon_jax.config import ModelConfig
+from tarragon_jax.layers.sampling import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """A generation request: prompt token ids, how many tokens to generate, how to sample."""
+
+  prompt: tuple[int, ...]
+  max_new_tokens: int
+  sampling: SamplingParams = SamplingParams()
+  stop_tokens: tuple[int, ...] = ()
+
+  def validate(self, cfg: ModelConfig):
+    """Raises ValueError naming the bad value if this request cannot be served by `cfg`."""
+    if len(self.prompt) == 0:
+      raise ValueError("Request: the prompt is empty; give at least one token id")
+    if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+      raise ValueError(f"Request: max_new_tokens={self.max_new_tokens!r} must be an int >= 1")
+    bad = [t for t in self.prompt if not 0 <= int(t) < cfg.vocab_size]
+    if bad:
+      raise ValueError(f"Request: prompt token ids {bad[:5]} are outside the vocabulary "
+                       f"[0, {cfg.vocab_size})")
+    bad = [t for t in self.stop_tokens if not 0 <= int(t) < cfg.vocab_size]
+    if bad:
+      raise ValueError(f"Request: stop tokens {bad[:5]} are outside [0, {cfg.vocab_size})")
+    need = len(self.prompt) + self.max_new_tokens - 1
+    if need > cfg.max_seq_len:
+      raise ValueError(
+          f"Request: prompt of {len(self.prompt)} tokens + max_new_tokens={self.max_new_tokens} "
+          f"needs {need} cache positions but a slot holds max_seq_len={cfg.max_seq_len}")
+
+
+class Phase(enum.Enum):
+  WAITING = "waiting"  # submitted, not yet on an AW
+  PREFILL = "prefill"  # placed in a slot, prompt not yet processed
+  DECODE = "decode"
+  DONE = "done"
+
+
+@dataclasses.dataclass
+class RequestState:
+  """Host-side progress of one request. Output token i is `tokens[i]`."""
+
+  id: int
+  request: Request
+  arrival: float
+  phase: Phase = Phase.WAITING
+  aw: int = -1
+  slot: int = -1
+  tokens: list[int] = dataclasses.field(default_factory=list)
+  times: list[float] = dataclasses.field(default_factory=list)
+  key_data: np.ndarray | None = None
+
+  @property
+  def done(self) -> bool:
+    return self.phase is Phase.DONE
+
+  def finished_by(self, token: int) -> bool:
+    return (len(self.tokens) >= self.request.max_new_tokens
+            or token in self.request.stop_tokens)
