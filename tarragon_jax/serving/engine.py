@@ -37,12 +37,41 @@ class EngineConfig:
   shadows_per_expert: int = 1
   ew_slots_per_layer: int | None = None  # expert slots per EW per layer (budget); None = fit
   min_prefill_bucket: int = 16  # prompts are padded to a power of two >= this
+  deadline_s: float = 10.0  # a worker whose outputs are not ready by then is reported silent
 
   def __post_init__(self):
+    if not self.deadline_s > 0:
+      raise ValueError(f"EngineConfig: deadline_s={self.deadline_s} must be > 0")
     if self.slots_per_aw < 1:
       raise ValueError(f"EngineConfig: slots_per_aw={self.slots_per_aw} must be >= 1")
     if self.min_prefill_bucket < 1:
       raise ValueError(f"EngineConfig: min_prefill_bucket={self.min_prefill_bucket} must be >= 1")
+
+
+class WorkerTimeout(RuntimeError):
+  """Workers whose outputs did not arrive within the deadline (the failure-detection hook)."""
+
+  def __init__(self, silent: list[str], waited_s: float):
+    super().__init__(f"no output from {silent} within {waited_s:.3f} s")
+    self.silent = silent
+
+
+def await_outputs(outputs: dict[str, list], deadline_s: float, poll_s: float = 1e-4) -> float:
+  """Waits until every worker's outputs are ready, or raises WorkerTimeout naming the silent ones.
+
+  Data arriving is the heartbeat: nothing else is exchanged to know a worker is alive.
+  Returns the seconds waited.
+  """
+  start = time.perf_counter()
+  pending = dict(outputs)
+  while pending:
+    pending = {w: a for w, a in pending.items() if not all(x.is_ready() for x in a)}
+    waited = time.perf_counter() - start
+    if pending and waited > deadline_s:
+      raise WorkerTimeout(sorted(pending), waited)
+    if pending:
+      time.sleep(poll_s)
+  return time.perf_counter() - start
 
 
 class Engine:
@@ -184,6 +213,7 @@ class Engine:
       self.aws[a].begin(*batches[a][:3])
     capacity = self.engine_cfg.slots_per_aw * T * self.cfg.top_k
     num_ew, S = len(self.ews), self.placement.slots_per_layer
+    outputs: dict[str, list] = {ew.cell.name: [] for ew in self.ews}
     for layer in range(self.cfg.num_layers):
       inbox = [[ew.empty_buffer(capacity) for _ in self.aws] for ew in self.ews]
       for a in live:
@@ -193,11 +223,14 @@ class Engine:
       outbox = [[None] * num_ew for _ in self.aws]
       for m, ew in enumerate(self.ews):
         results = ew.run_layer(layer, inbox[m])
+        outputs[ew.cell.name].extend(results)
         for a in live:
           outbox[a][m] = self.transfers.send(results[a], self.aws[a].cell.replicated())
       for a in live:
         self.aws[a].combine(layer, outbox[a])
     sampled = {a: self.aws[a].sample(*self._sampling_arrays(batches[a][3])) for a in live}
+    outputs.update({self.aws[a].cell.name: [sampled[a]] for a in live})
+    await_outputs(outputs, self.engine_cfg.deadline_s)
     for a in live:
       self._emit(batches[a][3], np.asarray(sampled[a]))
 
