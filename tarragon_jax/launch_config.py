@@ -13,7 +13,8 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
