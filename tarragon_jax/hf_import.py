@@ -64,10 +64,14 @@ def config_from_hf(hf: dict, *, max_seq_len: int | None = None,
       raise CheckpointError(
           f"dense MLP layers (mlp_only_layers={hf.get('mlp_only_layers')}, decoder_sparse_step="
           f"{hf.get('decoder_sparse_step')}) are not supported; every layer must be MoE")
+  if family != "mixtral" and hf.get("use_sliding_window", False):
+    raise CheckpointError(
+        f"use_sliding_window=True is not supported for {family}: its window applies to some "
+        "layers only (layer_types / max_window_layers); set it to false or use full attention")
+  if family == "qwen3_moe" and hf.get("attention_bias", False):
+    raise CheckpointError("qwen3_moe with attention_bias=True (an o_proj bias) is not supported")
   heads = hf["num_attention_heads"]
-  window = hf.get("sliding_window") or None
-  if family != "mixtral" and not hf.get("use_sliding_window", False):
-    window = None
+  window = (hf.get("sliding_window") or None) if family == "mixtral" else None
   common = dict(
       family=family,
       vocab_size=hf["vocab_size"],
@@ -90,8 +94,7 @@ def config_from_hf(hf: dict, *, max_seq_len: int | None = None,
   if family == "qwen3_moe":
     return ModelConfig(**common, num_experts=_field(hf, "num_experts", "num_local_experts"),
                        expert_hidden=hf["moe_intermediate_size"],
-                       norm_topk_prob=bool(hf.get("norm_topk_prob", True)), qk_norm=True,
-                       attention_bias=bool(hf.get("attention_bias", False)))
+                       norm_topk_prob=bool(hf.get("norm_topk_prob", False)), qk_norm=True)
   return ModelConfig(**common, num_experts=_field(hf, "num_experts", "num_local_experts"),
                      expert_hidden=hf["moe_intermediate_size"],
                      shared_expert_hidden=hf.get("shared_expert_intermediate_size", 0),
@@ -139,8 +142,25 @@ def params_from_hf(t: Callable[[str], np.ndarray], cfg: ModelConfig) -> ModelPar
   L, E, N, K, H = (cfg.num_layers, cfg.num_experts, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
   moe_name, (g_name, u_name, d_name), router_name = _expert_names(cfg.family)
 
+  def named(name: str, fn=lambda a: a, shape=None):
+    """fn(tensor `name`), with any layout error reported against the tensor's name."""
+    a = t(name)
+    if shape is not None and tuple(a.shape) != shape:
+      raise CheckpointError(f"tensor {name!r} has shape {tuple(a.shape)}; config.json implies "
+                            f"{shape}")
+    try:
+      return fn(a)
+    except ValueError as e:
+      raise CheckpointError(f"tensor {name!r} has shape {tuple(a.shape)}, which does not fit "
+                            f"config.json: {e}") from e
+
   def stack(fmt: str, fn=lambda a: a):
-    return np.stack([fn(t(fmt.format(l=l))) for l in range(L)])
+    first = named(fmt.format(l=0), fn)
+    rest = [named(fmt.format(l=l), fn) for l in range(1, L)]
+    for l, a in enumerate(rest, 1):
+      if a.shape != first.shape:
+        raise CheckpointError(f"tensor {fmt.format(l=l)!r} does not have the shape of layer 0's")
+    return np.stack([first] + rest)
 
   def linear(fmt, *out_shape):  # HF [out, in] -> [in, *out_shape]
     return stack(fmt, lambda a: a.T.reshape(a.shape[1], *out_shape))
@@ -164,8 +184,10 @@ def params_from_hf(t: Callable[[str], np.ndarray], cfg: ModelConfig) -> ModelPar
   moe_p = "model.layers.{l}." + moe_name + "."
 
   def experts(proj: str):
-    return np.stack([np.stack([t((moe_p + f"experts.{e}.{proj}.weight").format(l=l)).T
-                               for e in range(E)]) for l in range(L)])
+    names = [[(moe_p + f"experts.{e}.{proj}.weight").format(l=l) for e in range(E)]
+             for l in range(L)]
+    shape = tuple(t(names[0][0]).shape)
+    return np.stack([np.stack([named(n, np.transpose, shape) for n in row]) for row in names])
 
   shared = None
   if cfg.shared_expert_hidden:

@@ -233,20 +233,20 @@ def test_table_leaving_experts_unreachable_is_refused():
   assert _serve(engine, _greedy_requests()[:3]) == _reference("mixtral")[:3]
 
 
-@pytest.mark.xfail(
-  strict=True,
-  reason="Engine.set_routing_table checks only reachability: a "
-  "table from another placement (other slots_per_layer) is installed silently and "
-  "every request then gets wrong tokens",
-)
 def test_table_from_another_placement_is_refused():
   engine = _engine("mixtral")
   original = engine.table
   other = RoutingTable.from_placement(place(2, 8, 4, slots_per_layer=2, shadows_per_expert=0))
   assert other.slots_per_layer != engine.placement.slots_per_layer
   try:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="does not match the engine's placement"):
       engine.set_routing_table(other)
+    wrong = engine.table.replicas.copy()
+    wrong[0, 0, 0] = engine.table.replicas[0, 1, 0]  # expert 0 pointed at expert 1's slot
+    forged = RoutingTable(wrong, engine.table.slots_per_layer, engine.table.epoch + 1)
+    with pytest.raises(ValueError, match=r"layer 0 expert 0 .* holds expert 1"):
+      engine.set_routing_table(forged)
+    assert engine.table is original
   finally:
     engine.set_routing_table(original)
 

@@ -155,17 +155,10 @@ def _matches_or_rejects(spec: TinyMoE, directory: str):
   assert _max_err(tj.forward(params, cfg, jnp.asarray(tokens)), hf_logits(model, tokens)) <= TOL
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="qwen3_moe attention_bias=True: HF's o_proj.bias is silently ignored "
-                   "by load_hf_checkpoint (AttentionParams has no output bias)")
 def test_qwen3_attention_bias_is_imported_or_refused(tmp_path):
   _matches_or_rejects(TinyMoE("qwen3_moe", extra=(("attention_bias", True),)), str(tmp_path))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="qwen2_moe use_sliding_window: HF windows only the layers its "
-                   "layer_types name (even layers < max_window_layers); config_from_hf windows "
-                   "every layer")
 def test_qwen2_per_layer_sliding_window_is_imported_or_refused(tmp_path):
   spec = TinyMoE("qwen2_moe", extra=(("use_sliding_window", True), ("sliding_window", 3),
                                      ("max_window_layers", 1)))

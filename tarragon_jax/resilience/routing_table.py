@@ -47,6 +47,9 @@ class RoutingTable:
   def without_ew(self, ew: int) -> "RoutingTable":
     """Drops every slot on `ew`; each affected expert fails over to its next replica."""
     S = self.slots_per_layer
+    num_ew = (int(self.replicas.max()) // S + 1) if self.replicas.max() >= 0 else 0
+    if not 0 <= ew < num_ew:
+      raise ValueError(f"RoutingTable.without_ew: ew={ew} holds no slot; EWs are 0..{num_ew - 1}")
     replicas = self.replicas.copy()
     L, E, R = replicas.shape
     for l in range(L):

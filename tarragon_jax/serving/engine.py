@@ -104,12 +104,31 @@ class Engine:
   # -- routing ---------------------------------------------------------------------------------
 
   def set_routing_table(self, table: RoutingTable):
-    """Installs a new routing table on every AW; compiles nothing (the table is array data)."""
+    """Installs a new routing table on every AW; compiles nothing (the table is array data).
+
+    Raises:
+      ValueError: the table leaves an expert unreachable, does not fit the placement, or points
+        an expert at a slot that holds another expert. The old table stays installed.
+    """
     unreachable = table.unreachable()
     if unreachable:
       raise ValueError(f"routing table leaves experts unreachable: {unreachable[:8]}")
+    p = self.placement
+    if table.slots_per_layer != p.slots_per_layer or table.replicas.shape[:2] != (
+        p.num_layers, p.num_experts):
+      raise ValueError(
+          f"routing table (slots_per_layer={table.slots_per_layer}, [L, E] = "
+          f"{list(table.replicas.shape[:2])}) does not match the engine's placement "
+          f"(slots_per_layer={p.slots_per_layer}, [L, E] = [{p.num_layers}, {p.num_experts}])")
+    S = p.slots_per_layer
+    for (l, e), slot in np.ndenumerate(table.active):
+      ew, local = divmod(int(slot), S)
+      held = p.contents[l, ew, local] if ew < p.num_ew else -1
+      if held != e:
+        raise ValueError(f"routing table sends layer {l} expert {e} to slot {slot} (EW {ew}), "
+                         f"which holds expert {held}")
     self.table = table
-    self._active = [aw.put(table.active) for aw in self.aws]
+    self.active_tables = [aw.put(table.active) for aw in self.aws]
 
   # -- requests --------------------------------------------------------------------------------
 
@@ -144,7 +163,9 @@ class Engine:
     for _ in range(max_iterations):
       if self.idle:
         return
-      self.step()
+      if not self.step():
+        pending = [self.requests[r].arrival for r in self.waiting]
+        time.sleep(max(0.0, min(pending, default=0.0) - time.perf_counter()))
     raise RuntimeError(f"engine not idle after {max_iterations} iterations")
 
   # -- scheduling ------------------------------------------------------------------------------
@@ -202,37 +223,69 @@ class Engine:
       batches.append((tokens, n_new, fresh, rows))
     return batches, T
 
-  def step(self):
-    """Runs one prefill or decode iteration across all workers."""
+  def step(self) -> bool:
+    """Runs one prefill or decode iteration across all workers; False if there was no work."""
     self._admit(time.perf_counter())
     batches, T = self._batches()
     live = [a for a, b in enumerate(batches) if b is not None]
     if not live:
-      return
+      return False
     for a in live:
       self.aws[a].begin(*batches[a][:3])
     capacity = self.engine_cfg.slots_per_aw * T * self.cfg.top_k
-    num_ew, S = len(self.ews), self.placement.slots_per_layer
     outputs: dict[str, list] = {ew.cell.name: [] for ew in self.ews}
     for layer in range(self.cfg.num_layers):
-      inbox = [[ew.empty_buffer(capacity) for _ in self.aws] for ew in self.ews]
-      for a in live:
-        bufs, locals_ = self.aws[a].attend(layer, self._active[a], num_ew, S)
-        for m, ew in enumerate(self.ews):
-          inbox[m][a] = self.transfers.send((bufs[m], locals_[m]), ew.cell.replicated())
-      outbox = [[None] * num_ew for _ in self.aws]
-      for m, ew in enumerate(self.ews):
-        results = ew.run_layer(layer, inbox[m])
-        outputs[ew.cell.name].extend(results)
-        for a in live:
-          outbox[a][m] = self.transfers.send(results[a], self.aws[a].cell.replicated())
-      for a in live:
-        self.aws[a].combine(layer, outbox[a])
+      results = self.run_layer(layer, live, capacity)
+      for ew, res in zip(self.ews, results):
+        outputs[ew.cell.name].extend(res)
     sampled = {a: self.aws[a].sample(*self._sampling_arrays(batches[a][3])) for a in live}
     outputs.update({self.aws[a].cell.name: [sampled[a]] for a in live})
     await_outputs(outputs, self.engine_cfg.deadline_s)
     for a in live:
       self._emit(batches[a][3], np.asarray(sampled[a]))
+    return True
+
+  # -- the datapath of one layer, phase by phase (benchmarks time each phase) -----------------
+
+  def attend(self, layer: int, live: list[int]) -> dict[int, tuple]:
+    """Each live AW: attention, routing, per-EW buffers. Returns {aw: (buffers, local slots)}."""
+    num_ew, S = len(self.ews), self.placement.slots_per_layer
+    return {a: self.aws[a].attend(layer, self.active_tables[a], num_ew, S) for a in live}
+
+  def send_to_experts(self, packed: dict[int, tuple], capacity: int) -> list[list]:
+    """Buffers to the EWs; inbox[m][a] is AW a's (tokens, slots) for EW m (empty if idle)."""
+    inbox = [[ew.empty_buffer(capacity) for _ in self.aws] for ew in self.ews]
+    keys = [(m, a) for a in packed for m in range(len(self.ews))]
+    sent = self.transfers.send_many(
+        [((packed[a][0][m], packed[a][1][m]), self.ews[m].cell.replicated()) for m, a in keys])
+    for (m, a), buf in zip(keys, sent):
+      inbox[m][a] = buf
+    return inbox
+
+  def run_experts(self, layer: int, inbox: list[list]) -> list[tuple]:
+    """Each EW: one batched expert call over all AWs' buffers; results[m][a]."""
+    return [ew.run_layer(layer, inbox[m]) for m, ew in enumerate(self.ews)]
+
+  def send_to_attention(self, results: list[tuple], live: list[int]) -> dict[int, list]:
+    """Results back to the AWs; outbox[a][m] is EW m's output for AW a."""
+    keys = [(a, m) for m in range(len(self.ews)) for a in live]
+    sent = self.transfers.send_many(
+        [(results[m][a], self.aws[a].cell.replicated()) for a, m in keys])
+    outbox = {a: [None] * len(self.ews) for a in live}
+    for (a, m), out in zip(keys, sent):
+      outbox[a][m] = out
+    return outbox
+
+  def combine(self, layer: int, outbox: dict[int, list]):
+    for a, results in outbox.items():
+      self.aws[a].combine(layer, results)
+
+  def run_layer(self, layer: int, live: list[int], capacity: int) -> list[tuple]:
+    """One layer across all workers, dispatched asynchronously; returns the EWs' results."""
+    inbox = self.send_to_experts(self.attend(layer, live), capacity)
+    results = self.run_experts(layer, inbox)
+    self.combine(layer, self.send_to_attention(results, live))
+    return results
 
   def _sampling_arrays(self, rows: list[RequestState]):
     B = self.engine_cfg.slots_per_aw
