@@ -43,7 +43,6 @@ _CACHE = flags.DEFINE_string(
     "Persistent compilation cache directory ('' = off).")
 
 PHASES = ("attend", "send_to_ew", "experts", "send_to_aw", "combine")
-WHAT_IF = ("batched_send_to_ew", "batched_send_to_aw")
 
 
 @functools.partial(jax.jit, static_argnames="cfg", donate_argnames="cache")
@@ -97,63 +96,35 @@ def layer_pass(engine: Engine, layer: int, sync: bool) -> dict:
   for aw in engine.aws:  # a decode batch over every slot; the x of a previous pass is dropped
     aw.begin(np.zeros((B, 1), np.int32), np.ones((B,), np.int32), np.zeros((B,), bool))
   jax.block_until_ready([aw.x for aw in engine.aws])
-  ews, aws, tr = engine.ews, engine.aws, engine.transfers
-  num_ew, S = len(ews), engine.placement.slots_per_layer
-  inbox = [[ew.empty_buffer(B * top_k) for _ in aws] for ew in ews]
-  outbox = [[None] * num_ew for _ in aws]
+  aws, tr, live = engine.aws, engine.transfers, list(range(len(engine.aws)))
+  capacity = B * top_k
   times, moved = {}, {}
   clock = [time.perf_counter()]
 
   def mark(name, arrays):
-    if sync:
-      jax.block_until_ready(arrays)
-      now = time.perf_counter()
-      times[name], clock[0] = now - clock[0], now
+    jax.block_until_ready(arrays)
+    now = time.perf_counter()
+    times[name], clock[0] = now - clock[0], now
 
-  if sync:
-    packed = [aw.attend(layer, engine._active[a], num_ew, S) for a, aw in enumerate(aws)]
-    mark("attend", packed)
-    b0, c0 = tr.bytes, tr.count
-    for a, (bufs, locals_) in enumerate(packed):
-      for m, ew in enumerate(ews):
-        inbox[m][a] = tr.send((bufs[m], locals_[m]), ew.cell.replicated())
-    moved["to_ew"] = (tr.bytes - b0, tr.count - c0)
-    mark("send_to_ew", inbox)
-    results = [ew.run_layer(layer, inbox[m]) for m, ew in enumerate(ews)]
-    mark("experts", results)
-    b0, c0 = tr.bytes, tr.count
-    for m, res in enumerate(results):
-      for a, aw in enumerate(aws):
-        outbox[a][m] = tr.send(res[a], aw.cell.replicated())
-    moved["to_aw"] = (tr.bytes - b0, tr.count - c0)
-    mark("send_to_aw", outbox)
-    for a, aw in enumerate(aws):
-      aw.combine(layer, outbox[a])
-    mark("combine", [aw.x for aw in aws])
-    # What-if: the same sends both ways as one jax.device_put call per direction (not counted
-    # by Transfers), to size the per-call overhead of sending array by array.
-    for name, trees, targets in (
-        ("batched_send_to_ew",
-         [(bufs[m], locals_[m]) for bufs, locals_ in packed for m in range(num_ew)],
-         [ew.cell.replicated() for _ in aws for ew in ews]),
-        ("batched_send_to_aw", [res[a] for res in results for a in range(len(aws))],
-         [aw.cell.replicated() for _ in ews for aw in aws])):
-      clock[0] = time.perf_counter()
-      mark(name, jax.device_put(trees, [jax.tree.map(lambda _, t=t: t, x)
-                                        for x, t in zip(trees, targets, strict=True)]))
-    return dict(phases=times, moved=moved)
-  for a, aw in enumerate(aws):  # Engine.step's layer body
-    bufs, locals_ = aw.attend(layer, engine._active[a], num_ew, S)
-    for m, ew in enumerate(ews):
-      inbox[m][a] = tr.send((bufs[m], locals_[m]), ew.cell.replicated())
-  for m, ew in enumerate(ews):
-    results = ew.run_layer(layer, inbox[m])
-    for a, aw in enumerate(aws):
-      outbox[a][m] = tr.send(results[a], aw.cell.replicated())
-  for a, aw in enumerate(aws):
-    aw.combine(layer, outbox[a])
-  jax.block_until_ready([aw.x for aw in aws])
-  return dict(total=time.perf_counter() - clock[0])
+  if not sync:  # Engine.step's layer body, one block at the end
+    engine.run_layer(layer, live, capacity)
+    jax.block_until_ready([aw.x for aw in aws])
+    return dict(total=time.perf_counter() - clock[0])
+  packed = engine.attend(layer, live)
+  mark("attend", packed)
+  b0, c0 = tr.bytes, tr.count
+  inbox = engine.send_to_experts(packed, capacity)
+  moved["to_ew"] = (tr.bytes - b0, tr.count - c0)
+  mark("send_to_ew", inbox)
+  results = engine.run_experts(layer, inbox)
+  mark("experts", results)
+  b0, c0 = tr.bytes, tr.count
+  outbox = engine.send_to_attention(results, live)
+  moved["to_aw"] = (tr.bytes - b0, tr.count - c0)
+  mark("send_to_aw", outbox)
+  engine.combine(layer, outbox)
+  mark("combine", [aw.x for aw in aws])
+  return dict(phases=times, moved=moved)
 
 
 def main(argv):
@@ -200,7 +171,7 @@ def main(argv):
 
   tok_s = {impl: median("decode", "tok_s", impl) for impl in ("engine", "colocated")}
   sync = [r for r in records if r["kind"] == "layer_sync"]
-  phase_ms = {p: 1e3 * float(np.median([r["phases"][p] for r in sync])) for p in PHASES + WHAT_IF}
+  phase_ms = {p: 1e3 * float(np.median([r["phases"][p] for r in sync])) for p in PHASES}
   sync_ms = sum(phase_ms[p] for p in PHASES)  # of the medians: noise here is heavy-tailed
   async_ms = 1e3 * median("layer_async", "total")
   send_ms = phase_ms["send_to_ew"] + phase_ms["send_to_aw"]
@@ -217,7 +188,6 @@ def main(argv):
       send_share_of_sync_layer=send_ms / sync_ms, send_over_async_layer=send_ms / async_ms,
       colocated_layer_ms=step_ms["colocated"] / L,
       engine_step_outside_layers_ms=step_ms["engine"] - L * async_ms,
-      batched_send_ms=phase_ms["batched_send_to_ew"] + phase_ms["batched_send_to_aw"],
       bytes_per_layer_to_ew=to_ew, bytes_per_layer_to_aw=to_aw, arrays_per_layer=n_to_ew + n_to_aw,
       bytes_per_layer=to_ew + to_aw, payload_bytes_per_layer=payload)
   results = launch_config.write_jsonl(os.path.join(workdir, "results.jsonl"), records)
@@ -237,8 +207,6 @@ def main(argv):
   print(f"  {'sum of phases':<22}{sync_ms:>8.3f} ms")
   print(f"  {'layer (async)':<22}{async_ms:>8.3f} ms  sends alone = "
         f"{s['send_over_async_layer']:.0%} of it")
-  print(f"  {'sends, 1 call per dir':<22}{s['batched_send_ms']:>8.3f} ms  what-if: the same "
-        f"sends as one device_put per direction (vs {send_ms:.3f} ms)")
   print(f"  {'co-located layer':<22}{s['colocated_layer_ms']:>8.3f} ms  (co-located step / {L})")
   print(f"  engine step outside the layers (begin, sample, host): "
         f"{s['engine_step_outside_layers_ms']:.2f} ms = step - {L} x async layer")

@@ -40,6 +40,7 @@ class AttentionWorker:
     cache = KVCache.create(cfg, num_slots, sharding=cell.replicated())
     kv = cell.sharding(AW_RULES, ("layers", "slots", "seq", "kv_heads", "head_dim"), cache.k.shape)
     self.cache = jax.device_put(cache, KVCache(kv, kv, cell.replicated()))
+    self.slots = self.put(np.arange(num_slots, dtype=np.int32))  # row b reads/writes slot b
     self.x = self.h = self.dest = self.weights = None
 
   def put(self, array):
@@ -48,11 +49,11 @@ class AttentionWorker:
 
   def begin(self, tokens: np.ndarray, n_new: np.ndarray, fresh: np.ndarray):
     """Starts a step over rows = all slots: tokens i32[B, T], n_new i32[B], fresh bool[B]."""
-    self.slots = self.put(np.arange(self.num_slots, dtype=np.int32))
-    self.n_new = self.put(n_new.astype(np.int32))
+    tokens, self.n_new, fresh_dev = self.put(
+        (tokens.astype(np.int32), n_new.astype(np.int32), fresh))
     if fresh.any():
-      self.cache = _reset_lengths(self.cache, self.put(fresh))
-    self.x = datapath.aw_embed(self.params, self.put(tokens.astype(np.int32)))
+      self.cache = _reset_lengths(self.cache, fresh_dev)
+    self.x = datapath.aw_embed(self.params, tokens)
 
   def attend(self, layer, active, num_ew: int, slots_per_layer: int):
     """Attention + routing for one layer; returns per-EW (tokens, local slots) buffers."""
@@ -69,8 +70,8 @@ class AttentionWorker:
   def sample(self, key_data, step, temperature, top_p):
     """Samples each row's next token (a device array, not yet fetched)."""
     tokens, self.cache = datapath.aw_finish(
-        self.params, self.cfg, self.x, self.cache, self.slots, self.n_new, self.put(key_data),
-        self.put(step), self.put(temperature), self.put(top_p))
+        self.params, self.cfg, self.x, self.cache, self.slots, self.n_new,
+        *self.put((key_data, step, temperature, top_p)))
     return tokens
 
 
