@@ -73,14 +73,14 @@ class ModelConfig:
   def q_per_kv(self) -> int:
     return self.num_heads // self.num_kv_heads
 
-  def replace(self, **changes) -> "ModelConfig":
+  def replace(self, **changes) -> ModelConfig:
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, d: dict) -> "ModelConfig":
+  def from_dict(cls, d: dict) -> ModelConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +20,13 @@ from safetensors import safe_open
 
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.params import (
-    AttentionParams,
-    ExpertParams,
-    LayerParams,
-    ModelParams,
-    MoEParams,
-    SharedExpertParams,
-    param_specs,
+  AttentionParams,
+  ExpertParams,
+  LayerParams,
+  ModelParams,
+  MoEParams,
+  SharedExpertParams,
+  param_specs,
 )
 
 SUPPORTED = ("mixtral", "qwen3_moe", "qwen2_moe")
@@ -53,7 +54,7 @@ def _field(hf: dict, *names: str):
 
 def config_from_hf(hf: dict, *, max_seq_len: int | None = None,
                    dtype: str = "float32") -> ModelConfig:
-  """Maps a Hugging Face config.json dict to a ModelConfig; raises CheckpointError if unsupported."""
+  """Maps a Hugging Face config.json dict to a ModelConfig; CheckpointError if unsupported."""
   family = hf.get("model_type")
   if family not in SUPPORTED:
     raise CheckpointError(f"model_type={family!r} is not supported; supported: {SUPPORTED}")

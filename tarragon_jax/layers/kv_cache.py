@@ -27,7 +27,7 @@ class KVCache:
 
   @classmethod
   def create(cls, cfg: ModelConfig, num_slots: int, max_len: int | None = None,
-             sharding=None) -> "KVCache":
+             sharding=None) -> KVCache:
     """An empty cache of `num_slots` slots of `max_len` (default cfg.max_seq_len) tokens."""
     if num_slots <= 0:
       raise ValueError(f"KVCache: num_slots={num_slots} must be > 0")
@@ -45,7 +45,7 @@ class KVCache:
   def max_len(self) -> int:
     return self.k.shape[2]
 
-  def write_layer(self, layer, slots, positions, k_new, v_new) -> "KVCache":
+  def write_layer(self, layer, slots, positions, k_new, v_new) -> KVCache:
     """Writes new KV of one layer; positions >= max_len are dropped (padding).
 
     Args:
@@ -61,18 +61,18 @@ class KVCache:
         v=self.v.at[idx].set(v_new.astype(self.v.dtype), mode="drop"),
     )
 
-  def advance(self, slots, n_new) -> "KVCache":
+  def advance(self, slots, n_new) -> KVCache:
     """Adds n_new[b] tokens to the length of slots[b]."""
     return dataclasses.replace(self, lengths=self.lengths.at[slots].add(n_new))
 
-  def append(self, slots, k_tok, v_tok) -> "KVCache":
+  def append(self, slots, k_tok, v_tok) -> KVCache:
     """Appends one token to each of `slots` (i32[B]); k_tok, v_tok: [L, B, K, H]."""
     positions = self.lengths[slots]  # [B]
     k = self.k.at[:, slots, positions].set(k_tok.astype(self.k.dtype), mode="drop")
     v = self.v.at[:, slots, positions].set(v_tok.astype(self.v.dtype), mode="drop")
     return KVCache(k, v, self.lengths).advance(slots, jnp.ones_like(slots))
 
-  def inject(self, slot: int, k, v) -> "KVCache":
+  def inject(self, slot: int, k, v) -> KVCache:
     """Writes a request's whole KV into `slot` from outside (prefill result or a restore).
 
     Args:
@@ -99,7 +99,7 @@ class KVCache:
     n = int(self.lengths[slot])
     return np.asarray(self.k[:, slot, :n]), np.asarray(self.v[:, slot, :n])
 
-  def drop(self, slot: int) -> "KVCache":
+  def drop(self, slot: int) -> KVCache:
     """Empties `slot`: its length becomes 0 and its KV is zeroed."""
     self._check_slot(slot)
     return KVCache(self.k.at[:, slot].set(0), self.v.at[:, slot].set(0),

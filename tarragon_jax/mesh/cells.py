@@ -7,7 +7,7 @@ logical axes; `CellRules` maps them onto the cell's axis.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -43,7 +43,7 @@ class CellRules:
   sharded: tuple[str, ...] = ()
 
   def spec(self, logical: Sequence[str | None], shape: Sequence[int], size: int) -> PartitionSpec:
-    """PartitionSpec for an array with these logical axes; an axis that does not divide is replicated.
+    """PartitionSpec for these logical axes; an axis that does not divide is replicated.
 
     Only the first divisible sharded axis is used (a 1-D cell shards one axis).
     """

@@ -22,7 +22,7 @@ class RoutingTable:
   epoch: int = 0
 
   @classmethod
-  def from_placement(cls, placement: Placement) -> "RoutingTable":
+  def from_placement(cls, placement: Placement) -> RoutingTable:
     return cls(placement.replicas, placement.slots_per_layer, 0)
 
   @property
@@ -33,7 +33,7 @@ class RoutingTable:
   def device_array(self, device=None) -> jnp.ndarray:
     return jnp.asarray(self.active, device=device)
 
-  def reroute(self, layer: int, expert: int, slot: int) -> "RoutingTable":
+  def reroute(self, layer: int, expert: int, slot: int) -> RoutingTable:
     """Serves (layer, expert) from `slot`, which must already hold one of its replicas."""
     row = [int(p) for p in self.replicas[layer, expert]]
     if slot not in row or slot < 0:
@@ -44,7 +44,7 @@ class RoutingTable:
     replicas[layer, expert] = order
     return dataclasses.replace(self, replicas=_frozen(replicas), epoch=self.epoch + 1)
 
-  def without_ew(self, ew: int) -> "RoutingTable":
+  def without_ew(self, ew: int) -> RoutingTable:
     """Drops every slot on `ew`; each affected expert fails over to its next replica."""
     S = self.slots_per_layer
     num_ew = (int(self.replicas.max()) // S + 1) if self.replicas.max() >= 0 else 0

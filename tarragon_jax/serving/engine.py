@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -81,7 +81,8 @@ class Engine:
   every TokenEvent as it is produced.
   """
 
-  def __init__(self, cfg: ModelConfig, params: ModelParams, engine_cfg: EngineConfig = EngineConfig(),
+  def __init__(self, cfg: ModelConfig, params: ModelParams,
+               engine_cfg: EngineConfig = EngineConfig(),
                devices=None, on_token: Callable[[TokenEvent], None] | None = None):
     self.cfg, self.engine_cfg = cfg, engine_cfg
     plan = engine_cfg.plan
@@ -203,7 +204,7 @@ class Engine:
       T = 1
     B = self.engine_cfg.slots_per_aw
     batches = []
-    for a, owners in enumerate(self._slot_owner):
+    for owners in self._slot_owner:
       want = Phase.PREFILL if is_prefill else Phase.DECODE
       rows = [self.requests[r] for r in owners if r >= 0 and self.requests[r].phase is want]
       if not rows:

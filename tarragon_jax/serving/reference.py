@@ -5,7 +5,7 @@ Engine outputs are checked against this (greedy tokens must be identical).
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp

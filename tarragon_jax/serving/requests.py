@@ -27,7 +27,8 @@ class Request:
     if (not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool)
         or self.max_new_tokens <= 0):
       raise ValueError(f"Request: max_new_tokens={self.max_new_tokens!r} must be an int >= 1")
-    not_ints = [t for t in self.prompt if not isinstance(t, (int, np.integer)) or isinstance(t, bool)]
+    not_ints = [t for t in self.prompt
+                if not isinstance(t, (int, np.integer)) or isinstance(t, bool)]
     if not_ints:
       raise ValueError(f"Request: prompt token ids must be ints; got {not_ints[:5]}")
     bad = [t for t in self.prompt if not 0 <= int(t) < cfg.vocab_size]
