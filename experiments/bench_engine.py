@@ -39,7 +39,7 @@ from tarragon_jax.serving.requests import Request  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_engine.py", "Bench config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default: the config's workdir.")
 _CACHE = flags.DEFINE_string(
-    "compile_cache", os.environ.get("TARRAGON_JAX_CACHE", "/tmp/tarragon_jax_compile_cache"),
+    "compile_cache", launch_config.DEFAULT_COMPILE_CACHE,
     "Persistent compilation cache directory ('' = off).")
 
 PHASES = ("attend", "send_to_ew", "experts", "send_to_aw", "combine")
@@ -130,10 +130,7 @@ def layer_pass(engine: Engine, layer: int, sync: bool) -> dict:
 def main(argv):
   del argv
   cd = _CONFIG.value
-  if _CACHE.value:
-    jax.config.update("jax_compilation_cache_dir", _CACHE.value)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  launch_config.enable_compile_cache(_CACHE.value)
   workdir = launch_config.make_workdir(_WORKDIR.value or cd.workdir)
   cfg = launch_config.model_config(cd)
   params = tj.init_params(cfg, jax.random.key(cd.seed))

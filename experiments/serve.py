@@ -36,7 +36,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default: the 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Orbax checkpoint directory; its model replaces config.model.")
 _CACHE = flags.DEFINE_string(
-    "compile_cache", os.environ.get("TARRAGON_JAX_CACHE", "/tmp/tarragon_jax_compile_cache"),
+    "compile_cache", launch_config.DEFAULT_COMPILE_CACHE,
     "Persistent compilation cache directory ('' = off).")
 _BIN_S = 0.5  # throughput.png bin width
 
@@ -44,10 +44,7 @@ _BIN_S = 0.5  # throughput.png bin width
 def main(argv):
   del argv
   cd = _CONFIG.value
-  if _CACHE.value:
-    jax.config.update("jax_compilation_cache_dir", _CACHE.value)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  launch_config.enable_compile_cache(_CACHE.value)
   workdir = launch_config.make_workdir(_WORKDIR.value or cd.workdir)
   compiles_at_start = compile_count()
 
