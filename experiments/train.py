@@ -9,59 +9,21 @@ Legend: B batch, T window length, V vocab.
 
 from __future__ import annotations
 
-import functools
-import importlib
 import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import tarragon_jax as tj
 from tarragon_jax import launch_config
+from tarragon_jax.training import adamw, eval_loss, stdlib_bytes, train_step, windows
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/train_tiny.py", "Training config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default: the config's workdir.")
-
-
-def stdlib_bytes(packages: str) -> np.ndarray:
-  """u8[n]: the .py sources of comma-separated stdlib packages, concatenated in sorted order."""
-  chunks = []
-  for name in packages.split(","):
-    root = os.path.dirname(importlib.import_module(name.strip()).__file__)
-    for dirpath, dirnames, filenames in os.walk(root):
-      dirnames.sort()
-      for fname in sorted(filenames):
-        if fname.endswith(".py"):
-          with open(os.path.join(dirpath, fname), "rb") as f:
-            chunks.append(f.read())
-  return np.frombuffer(b"\n".join(chunks), np.uint8)
-
-
-def windows(data: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
-  """i32[len(starts), length + 1] windows of `data` (inputs plus the shifted targets)."""
-  return data[starts[:, None] + np.arange(length + 1)].astype(np.int32)
-
-
-def loss_fn(params, cfg: tj.ModelConfig, batch: jax.Array) -> jax.Array:
-  """Mean next-token cross entropy (nats) of batch i32[B, T + 1] through `tj.forward`."""
-  logits = tj.forward(params, cfg, batch[:, :-1])  # f32[B, T, V]
-  return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "opt"), donate_argnames=("params", "state"))
-def train_step(params, state, batch, cfg: tj.ModelConfig, opt: optax.GradientTransformation):
-  """One optimizer step; returns (params, state, loss before the step)."""
-  loss, grads = jax.value_and_grad(loss_fn)(params, cfg, batch)
-  updates, state = opt.update(grads, state, params)
-  return optax.apply_updates(params, updates), state, loss
-
-
-eval_loss = jax.jit(loss_fn, static_argnames="cfg")
 
 
 def main(argv):
@@ -83,10 +45,7 @@ def main(argv):
                cd.corpus_packages, len(train_data), len(eval_data), n_eval)
 
   params = tj.init_params(cfg, jax.random.key(cd.seed))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, cd.learning_rate, cd.warmup_steps,
-                                                max(cd.steps, cd.warmup_steps + 1))
-  opt = optax.chain(optax.clip_by_global_norm(cd.grad_clip),
-                    optax.adamw(schedule, weight_decay=cd.weight_decay))
+  opt = adamw(cd.learning_rate, cd.steps, cd.warmup_steps, cd.weight_decay, cd.grad_clip)
   state = opt.init(params)
 
   records = [{"step": 0, "train_loss": None, "eval_loss": float(eval_loss(params, cfg, eval_set))}]

@@ -17,6 +17,10 @@ from tarragon_jax.layers.params import ModelParams
 from tarragon_jax.layers.transformer import extend
 
 
+def _bucket(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
 def reference_greedy(params: ModelParams, cfg: ModelConfig, prompts: Iterable[Sequence[int]],
                      max_new_tokens: int | Sequence[int], stop_tokens: Sequence[int] = (),
                      device=None) -> list[list[int]]:
@@ -38,7 +42,9 @@ def reference_greedy(params: ModelParams, cfg: ModelConfig, prompts: Iterable[Se
   slot = jnp.zeros((1,), jnp.int32)
   for prompt, limit in zip(prompts, limits):
     cache = jax.device_put(KVCache.create(cfg, 1), device)
-    logits, cache = extend(params, cfg, cache, jnp.asarray([prompt], jnp.int32), slot,
+    padded = np.zeros((1, _bucket(len(prompt))), np.int32)  # one compile per bucket, not length
+    padded[0, :len(prompt)] = prompt
+    logits, cache = extend(params, cfg, cache, jnp.asarray(padded), slot,
                            jnp.asarray([len(prompt)], jnp.int32))
     out: list[int] = []
     while True:
