@@ -119,7 +119,7 @@ def layer_pass(engine: Engine, layer: int, sync: bool) -> dict:
   results = engine.run_experts(layer, inbox)
   mark("experts", results)
   b0, c0 = tr.bytes, tr.count
-  outbox = engine.send_to_attention(results, live)
+  outbox = engine.send_to_attention(results, live, capacity)
   moved["to_aw"] = (tr.bytes - b0, tr.count - c0)
   mark("send_to_aw", outbox)
   engine.combine(layer, outbox)

@@ -52,11 +52,16 @@ def aw_attend_and_pack(p: ModelParams, cfg: ModelConfig, x, cache: KVCache, laye
   Returns:
     x after attention [B, T, D]; the cache; per-EW token buffers (W arrays [C, D]); per-EW
     local slot ids (W arrays i32[C], -1 = empty); `dest` i32[M*X] where each assignment sits in
-    the concatenated buffers; routing weights f32[M, X]; normalized MoE input h [M, D].
+    the concatenated buffers; routing weights f32[M, X]; normalized MoE input h [M, D]; the
+    layer's new KV segment (k, v) [B, T, K, H] for the snapshot store (rows' padding after
+    n_new is junk).
   """
   lp = jax.tree.map(lambda w: w[layer], p.layers)
-  x, cache = attention_half(lp, cfg, x, cache, layer, slots, n_new)
   B, T, D = x.shape
+  positions = jnp.minimum(cache.lengths[slots][:, None] + jnp.arange(T)[None, :],
+                          cache.max_len - 1)
+  x, cache = attention_half(lp, cfg, x, cache, layer, slots, n_new)
+  segment = (cache.k[layer, slots[:, None], positions], cache.v[layer, slots[:, None], positions])
   M, X = B * T, cfg.top_k
   h = rms_norm(x, lp.mlp_norm, cfg.rms_eps).reshape(M, D)
   ids, weights = route(lp.moe.router, cfg, h)
@@ -71,7 +76,7 @@ def aw_attend_and_pack(p: ModelParams, cfg: ModelConfig, x, cache: KVCache, laye
   local = jnp.full((num_ew * C,), -1, jnp.int32).at[dest].set(phys % slots_per_layer, mode="drop")
   bufs = tuple(buf.reshape(num_ew, C, D))
   locals_ = tuple(local.reshape(num_ew, C))
-  return x, cache, bufs, locals_, dest, weights, h
+  return x, cache, bufs, locals_, dest, weights, h, segment
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -112,6 +117,21 @@ def ew_experts(w: ExpertParams, cfg: ModelConfig, layer, tokens, local_slots, *,
 
 
 aw_embed = jax.jit(embed)
+
+
+@functools.partial(jax.jit, donate_argnames="cache")
+def aw_restore(cache: KVCache, slot, k, v, n) -> KVCache:
+  """Writes a restored request's KV into `slot`: k, v [L, P, K, H] (P a bucket >= n real)."""
+  P = k.shape[1]
+  return KVCache(cache.k.at[:, slot, :P].set(k.astype(cache.k.dtype)),
+                 cache.v.at[:, slot, :P].set(v.astype(cache.v.dtype)),
+                 cache.lengths.at[slot].set(n))
+
+
+@jax.jit
+def aw_cache_copy(cache: KVCache):
+  """Fresh copies of k, v and lengths (the next step donates the cache)."""
+  return cache.k * 1, cache.v * 1, cache.lengths * 1
 
 
 @functools.partial(jax.jit, static_argnames="cfg", donate_argnames="cache")

@@ -1,106 +1,108 @@
-"""The disaggregated serving engine: AWs and EWs on separate cells, driven in one process.
+"""The disaggregated serving engine (local runtime): AWs and EWs on separate cells, one process.
 
-Each iteration is a prefill iteration (every AW with newly placed requests processes their
-prompts, padded to a length bucket) or a decode iteration (every AW with running requests
-generates one token per request). Within an iteration the engine walks the layers: every AW
-attends and packs per-EW buffers, the buffers cross to the EWs, every EW runs one batched
-expert call over all AWs' buffers, the results cross back, every AW combines. All of it is
-dispatched asynchronously: nothing waits on a device until the sampled tokens are fetched.
+Each iteration extends every placed request by the tokens it still has to feed: a prompt
+(prefill), the tail of a restored request, or its last sampled token (decode). Iterations that
+feed more than one token to some request run those requests only (padded to a length bucket);
+otherwise every request decodes one token. Within an iteration the engine walks the layers:
+every AW attends and packs per-EW buffers, the buffers cross to the EWs, every EW runs one
+batched expert call over all AWs' buffers, the results cross back, every AW combines. All of it
+is dispatched asynchronously: nothing waits on a device until the sampled tokens are fetched.
+
+Failures are found inside that exchange (`Detector`) and handed to the recovery policy
+(`Tarragon` or `GlobalRestart`); faults are injected at layer boundaries (`FaultInjector`).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import os
+import queue
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 
+import jax
 import numpy as np
 
+from tarragon_jax.checkpoint import save_checkpoint
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.params import ModelParams
 from tarragon_jax.layers.sampling import SamplingParams
-from tarragon_jax.mesh.cells import CellPlan, carve
+from tarragon_jax.mesh.cells import carve
 from tarragon_jax.mesh.transfer import Transfers
+from tarragon_jax.resilience.detector import Detector, WorkerTimeout
+from tarragon_jax.resilience.fault_domain import Health, WorkerDead
+from tarragon_jax.resilience.faults import Fault, FaultInjector
 from tarragon_jax.resilience.placement import place
 from tarragon_jax.resilience.routing_table import RoutingTable
+from tarragon_jax.resilience.timeline import Timeline
+from tarragon_jax.serving.engine_config import EngineConfig, ResilienceConfig
 from tarragon_jax.serving.metrics import TokenEvent, latency_summary
 from tarragon_jax.serving.requests import Phase, Request, RequestState
+from tarragon_jax.serving.streams import TokenStream
 from tarragon_jax.serving.workers import AttentionWorker, ExpertWorker
 
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-  """Cluster shape and batching. Frozen and validated; see README for what each field does."""
-
-  plan: CellPlan = CellPlan()
-  slots_per_aw: int = 8  # concurrent requests per AW (KV-cache slots)
-  shadows_per_expert: int = 1
-  ew_slots_per_layer: int | None = None  # expert slots per EW per layer (budget); None = fit
-  min_prefill_bucket: int = 16  # prompts are padded to a power of two >= this
-  deadline_s: float = 10.0  # a worker whose outputs are not ready by then is reported silent
-
-  def __post_init__(self):
-    if not self.deadline_s > 0:
-      raise ValueError(f"EngineConfig: deadline_s={self.deadline_s} must be > 0")
-    if self.slots_per_aw < 1:
-      raise ValueError(f"EngineConfig: slots_per_aw={self.slots_per_aw} must be >= 1")
-    if self.min_prefill_bucket < 1:
-      raise ValueError(f"EngineConfig: min_prefill_bucket={self.min_prefill_bucket} must be >= 1")
-
-
-class WorkerTimeout(RuntimeError):
-  """Workers whose outputs did not arrive within the deadline (the failure-detection hook)."""
-
-  def __init__(self, silent: list[str], waited_s: float):
-    super().__init__(f"no output from {silent} within {waited_s:.3f} s")
-    self.silent = silent
-
-
-def await_outputs(outputs: dict[str, list], deadline_s: float, poll_s: float = 1e-4) -> float:
-  """Waits until every worker's outputs are ready, or raises WorkerTimeout naming the silent ones.
-
-  Data arriving is the heartbeat: nothing else is exchanged to know a worker is alive.
-  Returns the seconds waited.
-  """
-  start = time.perf_counter()
-  pending = dict(outputs)
-  while pending:
-    pending = {w: a for w, a in pending.items() if not all(x.is_ready() for x in a)}
-    waited = time.perf_counter() - start
-    if pending and waited > deadline_s:
-      raise WorkerTimeout(sorted(pending), waited)
-    if pending:
-      time.sleep(poll_s)
-  return time.perf_counter() - start
+__all__ = ["Engine", "EngineConfig", "ResilienceConfig", "WorkerTimeout"]
 
 
 class Engine:
   """Serves requests on AW and EW cells carved from the visible devices.
 
   Use `submit` then `step` (or `run`), or `generate` for a batch. `on_token` callbacks receive
-  every TokenEvent as it is produced.
+  every TokenEvent as it is delivered (each index of each request once). `faults` is a schedule
+  of `Fault`s injected at layer boundaries.
   """
 
   def __init__(self, cfg: ModelConfig, params: ModelParams,
-               engine_cfg: EngineConfig = EngineConfig(),
-               devices=None, on_token: Callable[[TokenEvent], None] | None = None):
+               engine_cfg: EngineConfig = EngineConfig(), devices=None,
+               on_token: Callable[[TokenEvent], None] | None = None,
+               faults: Iterable[Fault] = ()):
+    from tarragon_jax.resilience.global_restart import GlobalRestart  # noqa: PLC0415
+    from tarragon_jax.resilience.orchestrator import Tarragon  # noqa: PLC0415
+
     self.cfg, self.engine_cfg = cfg, engine_cfg
-    plan = engine_cfg.plan
-    self.cells = carve(plan, devices)
-    self.placement = place(cfg.num_layers, cfg.num_experts, plan.num_ew,
-                           engine_cfg.ew_slots_per_layer, engine_cfg.shadows_per_expert)
+    rc = engine_cfg.resilience
+    self.timeline = Timeline()
+    self.detector = Detector(rc.detection, self.timeline)
+    self.devices = list(jax.devices() if devices is None else devices)
+    self.lost_devices: list = []
     self.transfers = Transfers()
-    self.aws = [AttentionWorker(i, c, cfg, params, engine_cfg.slots_per_aw, self.transfers)
-                for i, c in enumerate(self.cells.aw)]
-    self.ews = [ExpertWorker(i, c, cfg, params, self.placement, self.transfers)
-                for i, c in enumerate(self.cells.ew)]
-    self.set_routing_table(RoutingTable.from_placement(self.placement))
+    self._scratch = tempfile.mkdtemp(prefix="tarragon_")
+    self.weights_dir = rc.weights_dir or os.path.dirname(
+        save_checkpoint(os.path.join(self._scratch, "weights"), params, cfg))
+    self.store_dir = rc.store_dir or os.path.join(self._scratch, "snapshots")
+    self.injector = FaultInjector(faults)
     self.requests: dict[int, RequestState] = {}
+    self.streams: dict[int, TokenStream] = {}
     self.waiting: list[int] = []
     self.events: list[TokenEvent] = []
     self.on_token = on_token
+    self.iteration = 0
+    self.seq_lens: set[int] = {1}  # step lengths T seen so far (replacements compile them)
     self._next_id = 0
-    self._slot_owner = [[-1] * engine_cfg.slots_per_aw for _ in self.aws]
+    self.build(params, self.devices)
+    self.store = None
+    self.recovery = (Tarragon if rc.recovery == "tarragon" else GlobalRestart)(self)
+    if rc.snapshots:
+      self.store = self.recovery.new_store()
+    self.t0 = time.perf_counter()
+
+  def build(self, params: ModelParams, devices, plan=None):
+    """Carves cells from `devices` and puts every worker's weights on its cell."""
+    plan = plan or self.engine_cfg.plan
+    ec = self.engine_cfg
+    self.plan = plan
+    self.cells = carve(plan, devices)
+    self.spares = list(self.cells.spares)
+    self.placement = place(self.cfg.num_layers, self.cfg.num_experts, plan.num_ew,
+                           ec.ew_slots_per_layer, ec.shadows_per_expert)
+    self.aws = [AttentionWorker(i, c, self.cfg, params, ec.slots_per_aw, self.transfers)
+                for i, c in enumerate(self.cells.aw)]
+    self.ews = [ExpertWorker(i, c, self.cfg, params, self.placement, self.transfers)
+                for i, c in enumerate(self.cells.ew)]
+    self.failed_ews: set[int] = set()
+    self.slot_owner: list[list[int] | None] = [[-1] * ec.slots_per_aw for _ in self.aws]
+    self.base_table = RoutingTable.from_placement(self.placement)
+    self.set_routing_table(self.base_table)
 
   # -- routing ---------------------------------------------------------------------------------
 
@@ -129,7 +131,8 @@ class Engine:
         raise ValueError(f"routing table sends layer {l} expert {e} to slot {slot} (EW {ew}), "
                          f"which holds expert {held}")
     self.table = table
-    self.active_tables = [aw.put(table.active) for aw in self.aws]
+    self.active_tables = [aw.put(table.active) if aw.health is Health.ALIVE else None
+                          for aw in self.aws]
 
   # -- requests --------------------------------------------------------------------------------
 
@@ -141,11 +144,13 @@ class Engine:
     state = RequestState(rid, request, time.perf_counter() if arrival is None else arrival)
     state.key_data = request.sampling.key_data()
     self.requests[rid] = state
+    self.streams[rid] = TokenStream(rid)
     self.waiting.append(rid)
     return rid
 
   def tokens(self, rid: int) -> list[int]:
-    return list(self.requests[rid].tokens)
+    """The tokens delivered to the client for request `rid`, in index order."""
+    return list(self.streams[rid].tokens)
 
   @property
   def idle(self) -> bool:
@@ -166,7 +171,7 @@ class Engine:
         return
       if not self.step():
         pending = [self.requests[r].arrival for r in self.waiting]
-        time.sleep(max(0.0, min(pending, default=0.0) - time.perf_counter()))
+        time.sleep(max(0.0, min(min(pending, default=0.0) - time.perf_counter(), 1e-3)))
     raise RuntimeError(f"engine not idle after {max_iterations} iterations")
 
   # -- scheduling ------------------------------------------------------------------------------
@@ -176,15 +181,18 @@ class Engine:
     still = []
     for rid in self.waiting:
       state = self.requests[rid]
-      loads = [sum(o >= 0 for o in owners) for owners in self._slot_owner]
-      free = [a for a in range(len(self.aws)) if -1 in self._slot_owner[a]]
+      free = [a for a, owners in enumerate(self.slot_owner)
+              if owners is not None and -1 in owners and self.aws[a].health is Health.ALIVE]
       if state.arrival > now or not free:
         still.append(rid)
         continue
-      a = min(free, key=lambda a: (loads[a], a))
-      slot = self._slot_owner[a].index(-1)
-      self._slot_owner[a][slot] = rid
-      state.aw, state.slot, state.phase = a, slot, Phase.PREFILL
+      a = min(free, key=lambda a: (sum(o >= 0 for o in self.slot_owner[a]), a))
+      slot = self.slot_owner[a].index(-1)
+      self.slot_owner[a][slot] = rid
+      state.aw, state.slot, state.cached = a, slot, 0
+      if state.restore:
+        self.recovery.restore(state)
+      state.phase = Phase.PREFILL if not state.tokens else Phase.DECODE
     self.waiting = still
 
   def _bucket(self, n: int) -> int:
@@ -195,18 +203,14 @@ class Engine:
 
   def _batches(self):
     """Per-AW (tokens, n_new, fresh, rows) for this iteration, or None for an idle AW."""
-    prefill = [[self.requests[r] for r in owners if r >= 0
-                and self.requests[r].phase is Phase.PREFILL] for owners in self._slot_owner]
-    is_prefill = any(prefill)
-    if is_prefill:
-      T = self._bucket(max(len(s.request.prompt) for group in prefill for s in group))
-    else:
-      T = 1
+    placed = [self.requests[r] for owners in self.slot_owner if owners for r in owners if r >= 0]
+    extend = [s for s in placed if len(s.feed) > 1 or s.cached == 0]
+    rows_of = extend if extend else placed
+    T = self._bucket(max(len(s.feed) for s in extend)) if extend else 1
     B = self.engine_cfg.slots_per_aw
     batches = []
-    for owners in self._slot_owner:
-      want = Phase.PREFILL if is_prefill else Phase.DECODE
-      rows = [self.requests[r] for r in owners if r >= 0 and self.requests[r].phase is want]
+    for a in range(len(self.aws)):
+      rows = [s for s in rows_of if s.aw == a]
       if not rows:
         batches.append(None)
         continue
@@ -214,65 +218,131 @@ class Engine:
       n_new = np.zeros((B,), np.int32)
       fresh = np.zeros((B,), bool)
       for s in rows:
-        if is_prefill:
-          tokens[s.slot, :len(s.request.prompt)] = s.request.prompt
-          n_new[s.slot] = len(s.request.prompt)
-          fresh[s.slot] = True
-        else:
-          tokens[s.slot, 0] = s.tokens[-1]
-          n_new[s.slot] = 1
+        feed = s.feed
+        tokens[s.slot, :len(feed)] = feed
+        n_new[s.slot] = len(feed)
+        fresh[s.slot] = s.cached == 0
       batches.append((tokens, n_new, fresh, rows))
     return batches, T
 
+  def _fire_faults(self, layer: int):
+    now = time.perf_counter()
+    store = self.store
+    flushing = store is not None and store.health is Health.ALIVE and store.flushing
+    for fault in self.injector.due(self.iteration, layer, now - self.t0, flushing,
+                                   self.recovery.recovering, now):
+      self.recovery.inject(fault)
+
   def step(self) -> bool:
-    """Runs one prefill or decode iteration across all workers; False if there was no work."""
+    """Runs one iteration across all workers; False if there was no work."""
+    self.recovery.step_boundary()
     self._admit(time.perf_counter())
     batches, T = self._batches()
     live = [a for a, b in enumerate(batches) if b is not None]
     if not live:
+      self._fire_faults(0)
       return False
-    for a in live:
-      self.aws[a].begin(*batches[a][:3])
-    capacity = self.engine_cfg.slots_per_aw * T * self.cfg.top_k
-    outputs: dict[str, list] = {ew.cell.name: [] for ew in self.ews}
-    for layer in range(self.cfg.num_layers):
-      results = self.run_layer(layer, live, capacity)
-      for ew, res in zip(self.ews, results):
-        outputs[ew.cell.name].extend(res)
-    sampled = {a: self.aws[a].sample(*self._sampling_arrays(batches[a][3])) for a in live}
-    outputs.update({self.aws[a].cell.name: [sampled[a]] for a in live})
-    await_outputs(outputs, self.engine_cfg.deadline_s)
+    seq = self.iteration
+    self.seq_lens.add(T)
+    try:
+      for a in live:
+        self.aws[a].begin(*batches[a][:3])
+        self._to_store("begin", a, seq, [(s.id, s.slot, s.cached, len(s.feed))
+                                         for s in batches[a][3]])
+      capacity = self.engine_cfg.slots_per_aw * T * self.cfg.top_k
+      for layer in range(self.cfg.num_layers):
+        self._fire_faults(layer)
+        self.recovery.poll()
+        live = self.run_layer(layer, live, capacity, seq)
+      sampled = {a: self.aws[a].sample(*self._sampling_arrays(batches[a][3])) for a in live}
+      self.detector.wait({self.aws[a].name: (self.aws[a], sampled[a].is_ready) for a in live})
+    except self.recovery.Restart:
+      self.iteration += 1
+      self.recovery.restart()
+      return True
+    self.iteration += 1
     for a in live:
       self._emit(batches[a][3], np.asarray(sampled[a]))
     return True
 
-  # -- the datapath of one layer, phase by phase (benchmarks time each phase) -----------------
+  def _to_store(self, method: str, *args):
+    store = self.store
+    if store is None:
+      return
+    try:
+      getattr(store, method)(*args)
+    except WorkerDead:
+      self.detector.closed(store, time.perf_counter())
+      self.recovery.store_failed()
+    except queue.Full:
+      pass  # a store that stopped draining is found by the recovery's store watchdog
 
-  def attend(self, layer: int, live: list[int]) -> dict[int, tuple]:
-    """Each live AW: attention, routing, per-EW buffers. Returns {aw: (buffers, local slots)}."""
+  # -- the datapath of one layer, with failure handling inside the exchange -------------------
+
+  def attend(self, layer: int, live: list[int], seq: int | None = None) -> dict[int, tuple]:
+    """Each live AW: attention, routing, per-EW buffers. Returns {aw: (buffers, locals, kv)}.
+
+    An AW that is dead or silent past the detection window is handed to the recovery and
+    left out (the EWs stop waiting for it at this layer).
+    """
     num_ew, S = len(self.ews), self.placement.slots_per_layer
-    return {a: self.aws[a].attend(layer, self.active_tables[a], num_ew, S) for a in live}
+    packed = {}
+    for a in live:
+      out = self._call(self.aws[a], lambda w, a=a: w.attend(layer, self.active_tables[a],
+                                                               num_ew, S))
+      if out is None:
+        self.recovery.aw_failed(a, layer)
+        continue
+      packed[a] = out
+      if seq is not None:
+        self._to_store("segment", a, seq, layer, *out[2])
+    return packed
 
-  def send_to_experts(self, packed: dict[int, tuple], capacity: int) -> list[list]:
-    """Buffers to the EWs; inbox[m][a] is AW a's (tokens, slots) for EW m (empty if idle)."""
-    inbox = [[ew.empty_buffer(capacity) for _ in self.aws] for ew in self.ews]
-    keys = [(m, a) for a in packed for m in range(len(self.ews))]
+  def _call(self, worker, fn):
+    """Calls a worker; None if it is dead or declared failed after staying silent."""
+    since = time.perf_counter()
+    try:
+      out = fn(worker)
+    except WorkerDead:
+      self.detector.closed(worker, since)
+      return None
+    if out is None:  # silent: probed, and declared failed (a peer that answers is waited for)
+      self.detector.silent(worker, expected_since=since)
+    return out
+
+  def send_to_experts(self, packed: dict[int, tuple], capacity: int) -> list[list | None]:
+    """Buffers to the EWs; inbox[m][a] is AW a's (tokens, slots) for EW m (None: EW failed)."""
+    ews = [m for m in range(len(self.ews)) if m not in self.failed_ews]
+    inbox: list[list | None] = [None] * len(self.ews)
+    for m in ews:
+      inbox[m] = [self.ews[m].empty_buffer(capacity) for _ in self.aws]
+    keys = [(m, a) for a in packed for m in ews]
     sent = self.transfers.send_many(
         [((packed[a][0][m], packed[a][1][m]), self.ews[m].cell.replicated()) for m, a in keys])
     for (m, a), buf in zip(keys, sent):
       inbox[m][a] = buf
     return inbox
 
-  def run_experts(self, layer: int, inbox: list[list]) -> list[tuple]:
-    """Each EW: one batched expert call over all AWs' buffers; results[m][a]."""
-    return [ew.run_layer(layer, inbox[m]) for m, ew in enumerate(self.ews)]
+  def run_experts(self, layer: int, inbox: list[list | None]) -> dict[int, tuple]:
+    """Each live EW: one batched expert call over all AWs' buffers; {m: results[a]}.
 
-  def send_to_attention(self, results: list[tuple], live: list[int]) -> dict[int, list]:
-    """Results back to the AWs; outbox[a][m] is EW m's output for AW a."""
-    keys = [(a, m) for m in range(len(self.ews)) for a in live]
+    EWs that are dead or declared failed are missing from the result.
+    """
+    results = {}
+    for m, ew in enumerate(self.ews):
+      if inbox[m] is not None:
+        out = self._call(ew, lambda w, m=m: w.run_layer(layer, inbox[m]))
+        if out is not None:
+          results[m] = out
+    return results
+
+  def send_to_attention(self, results: dict[int, tuple], aws: Iterable[int],
+                        capacity: int) -> dict[int, list]:
+    """Results back to the AWs; outbox[a][m] is EW m's output for AW a (zeros if none)."""
+    keys = [(a, m) for m in results for a in aws]
     sent = self.transfers.send_many(
         [(results[m][a], self.aws[a].cell.replicated()) for a, m in keys])
-    outbox = {a: [None] * len(self.ews) for a in live}
+    outbox = {a: [self.aws[a].zeros(capacity)] * len(self.ews) for a in aws}
     for (a, m), out in zip(keys, sent):
       outbox[a][m] = out
     return outbox
@@ -281,12 +351,41 @@ class Engine:
     for a, results in outbox.items():
       self.aws[a].combine(layer, results)
 
-  def run_layer(self, layer: int, live: list[int], capacity: int) -> list[tuple]:
-    """One layer across all workers, dispatched asynchronously; returns the EWs' results."""
-    inbox = self.send_to_experts(self.attend(layer, live), capacity)
-    results = self.run_experts(layer, inbox)
-    self.combine(layer, self.send_to_attention(results, live))
-    return results
+  def run_layer(self, layer: int, live: list[int], capacity: int, seq: int | None = None
+                ) -> list[int]:
+    """One layer across all workers, dispatched asynchronously; returns the AWs still live.
+
+    If an EW fails, the AWs that had sent it tokens replay this layer's exchange under the new
+    routing table (its experts now served by shadows); the replay is dispatched at once, ahead
+    of any later work. Other AWs keep the results they already have.
+    """
+    pending = {a: out[:2] for a, out in self.attend(layer, live, seq).items()}
+    live = list(pending)
+    num_ew, S = len(self.ews), self.placement.slots_per_layer
+    outbox: dict[int, list] = {}
+    while pending:
+      results = self.run_experts(layer, self.send_to_experts(pending, capacity))
+      failed = [m for m in range(len(self.ews)) if m not in results and m not in self.failed_ews]
+      affected = set()
+      if failed:
+        affected = {a for a in pending for m in failed
+                    if int(np.asarray(pending[a][1][m]).max()) >= 0}
+        self.recovery.ews_failed(failed, layer)
+      outbox.update(self.send_to_attention(results, [a for a in pending if a not in affected],
+                                           capacity))
+      pending = {}
+      if affected:
+        self.timeline.add("replay", layer=layer, aws=sorted(affected), failed_ews=failed)
+        for a in sorted(affected):
+          out = self._call(self.aws[a], lambda w, a=a: w.replay(layer, self.active_tables[a],
+                                                                   num_ew, S))
+          if out is None:
+            self.recovery.aw_failed(a, layer)
+            live.remove(a)
+          else:
+            pending[a] = out[:2]
+    self.combine(layer, {a: outbox[a] for a in live})
+    return live
 
   def _sampling_arrays(self, rows: list[RequestState]):
     B = self.engine_cfg.slots_per_aw
@@ -305,16 +404,51 @@ class Engine:
     now = time.perf_counter()
     for s in rows:
       token = int(sampled[s.slot])
-      event = TokenEvent(s.id, len(s.tokens), token, now)
+      index = len(s.tokens)
+      s.cached += len(s.feed)
       s.tokens.append(token)
-      s.times.append(now)
       s.phase = Phase.DECODE
-      self.events.append(event)
-      if self.on_token is not None:
-        self.on_token(event)
+      if self.streams[s.id].offer(index, token, now):
+        event = TokenEvent(s.id, index, token, now)
+        self.events.append(event)
+        if self.on_token is not None:
+          self.on_token(event)
       if s.finished_by(token):
         s.phase = Phase.DONE
-        self._slot_owner[s.aw][s.slot] = -1
+        self.slot_owner[s.aw][s.slot] = -1
+        self._to_store("forget", s.id)
+
+  def warm_up(self, seq_lens=None):
+    """Compiles every executable serving and recovery use, on every worker, touching no slot.
+
+    Without it they compile on first use (a failover would then include compile time).
+    `seq_lens` defaults to 1 and each prefill bucket up to max_seq_len.
+    """
+    if any(s.aw >= 0 and not s.done for s in self.requests.values()):
+      raise RuntimeError("Engine.warm_up: call it before requests are placed (it uses slot 0)")
+    if seq_lens is None:
+      seq_lens, b = {1}, self.engine_cfg.min_prefill_bucket
+      while b < self.cfg.max_seq_len:
+        seq_lens.add(b)
+        b *= 2
+      seq_lens.add(self.cfg.max_seq_len)
+    self.seq_lens |= set(seq_lens)
+    B, X = self.engine_cfg.slots_per_aw, self.cfg.top_k
+    for a, aw in enumerate(self.aws):
+      aw.warm_up(sorted(self.seq_lens), len(self.ews), self.placement.slots_per_layer,
+                 self.active_tables[a])
+    for ew in self.ews:
+      ew.warm_up([B * T * X for T in sorted(self.seq_lens)], len(self.aws))
+
+  def close(self):
+    """Waits for background recovery work and stops the snapshot store's thread."""
+    self.recovery.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
 
   # -- metrics ---------------------------------------------------------------------------------
 
@@ -322,4 +456,5 @@ class Engine:
     done = [s for s in self.requests.values() if s.done]
     out = dict(requests=len(self.requests), completed=len(done))
     out.update(latency_summary({r: s.arrival for r, s in self.requests.items()}, self.events))
+    out.update(self.recovery.summary())
     return out

@@ -62,3 +62,47 @@ def latency_summary(arrivals: dict[int, float], events: list[TokenEvent]) -> dic
       ttft_p50_s=percentile(ttft, 50), ttft_p95_s=percentile(ttft, 95),
       tbt_p50_s=percentile(tbt, 50), tbt_p95_s=percentile(tbt, 95),
   )
+
+
+def stall_summary(events: list[TokenEvent], fault_time: float,
+                  requests: set[int] | None = None) -> dict:
+  """Stalls caused by a failure at `fault_time` (perf_counter seconds), as the paper defines them.
+
+  The requests in flight at the fault are those with a token before it and a token after it
+  (optionally only those in `requests`). Recovery ends at R, when each of them has delivered a
+  new token.
+
+  Returns:
+    service_stall_s: the longest interval with zero output tokens (from any request) that
+      ends after the fault and starts before R.
+    max_request_gap_s: the longest gap between consecutive tokens of one in-flight request
+      across the fault; max_request_stall_s: that gap minus the request's median TBT before
+      the fault (the extra wait the failure caused).
+    tbt_before_s: median gap between consecutive tokens of a request, before the fault.
+    recovered_after_s: R - fault_time.
+  """
+  by_request: dict[int, list[float]] = {}
+  for ev in sorted(events, key=lambda e: (e.request_id, e.index)):
+    by_request.setdefault(ev.request_id, []).append(ev.time)
+  in_flight = {r: t for r, t in by_request.items()
+               if t[0] < fault_time < t[-1] and (requests is None or r in requests)}
+  before = [b - a for t in by_request.values() for a, b in zip(t, t[1:]) if b < fault_time]
+  tbt = float(np.median(before)) if before else float("nan")
+  out = dict(in_flight=len(in_flight), tbt_before_s=tbt, service_stall_s=0.0,
+             max_request_gap_s=0.0, max_request_stall_s=0.0, recovered_after_s=0.0)
+  if not in_flight:
+    return out
+  recovered = 0.0
+  for t in in_flight.values():
+    i = int(np.searchsorted(t, fault_time))  # first token after the fault
+    gap = t[i] - t[i - 1]
+    own = [b - a for a, b in zip(t[:i], t[1:i])]
+    base = float(np.median(own)) if own else tbt
+    out["max_request_gap_s"] = max(out["max_request_gap_s"], gap)
+    out["max_request_stall_s"] = max(out["max_request_stall_s"], gap - base)
+    recovered = max(recovered, t[i])
+  out["recovered_after_s"] = recovered - fault_time
+  merged = sorted(ev.time for ev in events)
+  gaps = [b - a for a, b in zip(merged, merged[1:]) if b > fault_time and a < recovered]
+  out["service_stall_s"] = max(gaps, default=0.0)
+  return out

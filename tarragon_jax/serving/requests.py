@@ -62,9 +62,18 @@ class RequestState:
   phase: Phase = Phase.WAITING
   aw: int = -1
   slot: int = -1
-  tokens: list[int] = dataclasses.field(default_factory=list)
-  times: list[float] = dataclasses.field(default_factory=list)
-  key_data: np.ndarray | None = None
+  cached: int = 0  # positions of prompt + tokens whose KV is in the slot
+  tokens: list[int] = dataclasses.field(default_factory=list)  # generated (may be recomputed)
+  key_data: np.ndarray | None = None  # the request's PRNG key (travels with it on a restore)
+  restore: bool = False  # its AW failed: restore (or re-prefill) it when it is placed again
+  lost_layer: int = 0  # layers of its current step done when its AW failed
+  failed_at: tuple[int, int] = (0, 0)  # (cached positions, tokens being fed) at that failure
+
+  @property
+  def feed(self) -> list[int]:
+    """The tokens this request still has to feed: prompt + generated tokens past `cached`."""
+    seq = self.request.prompt + tuple(self.tokens)
+    return list(seq[self.cached:])
 
   @property
   def done(self) -> bool:

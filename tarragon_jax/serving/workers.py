@@ -1,7 +1,9 @@
 """Attention and expert workers: each owns one cell, its weights and (AW) its KV cache.
 
 Workers do device work only; which request sits in which slot is the engine's business.
-Everything a worker receives from another cell arrives through `Transfers.send`.
+Everything a worker receives from another cell arrives through `Transfers.send`. Each worker is
+a failure domain (`FaultDomain`): a killed worker's arrays are deleted and a call raises
+`WorkerDead`; a hung worker returns None from every call.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tarragon_jax.layers.kv_cache import KVCache
 from tarragon_jax.layers.params import ExpertParams, ModelParams, abstract_params, logical_axes
 from tarragon_jax.mesh.cells import AW_RULES, EW_RULES, Cell
 from tarragon_jax.mesh.transfer import Transfers
+from tarragon_jax.resilience.fault_domain import FaultDomain
 from tarragon_jax.resilience.placement import Placement
 from tarragon_jax.serving import datapath
 
@@ -26,22 +29,32 @@ def _reset_lengths(cache: KVCache, fresh) -> KVCache:
   return dataclasses.replace(cache, lengths=jnp.where(fresh, 0, cache.lengths))
 
 
-class AttentionWorker:
+def restore_bucket(n: int, max_len: int, minimum: int = 16) -> int:
+  """Restores pad to power-of-two lengths so that each bucket compiles once."""
+  b = minimum
+  while b < n:
+    b *= 2
+  return min(b, max_len)
+
+
+class AttentionWorker(FaultDomain):
   """Holds attention weights, the router and a KV cache of `num_slots` request slots."""
 
   def __init__(self, index: int, cell: Cell, cfg: ModelConfig, params: ModelParams,
                num_slots: int, transfers: Transfers):
     self.index, self.cell, self.cfg, self.num_slots = index, cell, cfg, num_slots
+    self.name = f"aw{index}"
     self.transfers = transfers
     aw_params = datapath.attention_params(params)
     axes = datapath.attention_params(logical_axes(cfg))
     shardings = cell.shardings_for(AW_RULES, axes, datapath.attention_params(abstract_params(cfg)))
-    self.params = jax.device_put(aw_params, shardings)
+    self.params = jax.device_put(aw_params, shardings, may_alias=False)  # ours to delete
     cache = KVCache.create(cfg, num_slots, sharding=cell.replicated())
     kv = cell.sharding(AW_RULES, ("layers", "slots", "seq", "kv_heads", "head_dim"), cache.k.shape)
     self.cache = jax.device_put(cache, KVCache(kv, kv, cell.replicated()))
     self.slots = self.put(np.arange(num_slots, dtype=np.int32))  # row b reads/writes slot b
-    self.x = self.h = self.dest = self.weights = None
+    self.x = self.x_in = self.h = self.dest = self.weights = None
+    self._zeros: dict[int, jax.Array] = {}
 
   def put(self, array):
     """Host data (tokens, sampling settings) onto this worker's cell, replicated."""
@@ -49,6 +62,8 @@ class AttentionWorker:
 
   def begin(self, tokens: np.ndarray, n_new: np.ndarray, fresh: np.ndarray):
     """Starts a step over rows = all slots: tokens i32[B, T], n_new i32[B], fresh bool[B]."""
+    if not self._serving():
+      return
     tokens, self.n_new, fresh_dev = self.put(
         (tokens.astype(np.int32), n_new.astype(np.int32), fresh))
     if fresh.any():
@@ -56,23 +71,91 @@ class AttentionWorker:
     self.x = datapath.aw_embed(self.params, tokens)
 
   def attend(self, layer, active, num_ew: int, slots_per_layer: int):
-    """Attention + routing for one layer; returns per-EW (tokens, local slots) buffers."""
-    (self.x, self.cache, bufs, locals_, self.dest, self.weights,
-     self.h) = datapath.aw_attend_and_pack(
+    """Attention + routing for one layer.
+
+    Returns:
+      (per-EW token buffers, per-EW local slots, KV segment (k, v) [B, T, K, H]), or None if
+      the worker is hung.
+    """
+    if not self._serving():
+      return None
+    self.x_in = self.x
+    (self.x, self.cache, bufs, locals_, self.dest, self.weights, self.h,
+     segment) = datapath.aw_attend_and_pack(
          self.params, self.cfg, self.x, self.cache, layer, self.slots, self.n_new, active,
          num_ew=num_ew, slots_per_layer=slots_per_layer)
-    return bufs, locals_
+    return bufs, locals_, segment
+
+  def replay(self, layer, active, num_ew: int, slots_per_layer: int):
+    """Repeats this layer's attention and packing from its input under a new routing table.
+
+    Attention rewrites the same KV at the same positions, so the cache is unchanged; only the
+    buffers differ (experts of a failed EW now go to their next replica).
+    """
+    if not self._serving():
+      return None
+    self.x = self.x_in
+    return self.attend(layer, active, num_ew, slots_per_layer)
+
+  def zeros(self, capacity: int) -> jax.Array:
+    """An all-zero [C, D] result on this cell, standing in for an EW that sent nothing."""
+    if capacity not in self._zeros:
+      self._zeros[capacity] = self.put(np.zeros((capacity, self.cfg.hidden_size),
+                                                self.cfg.dtype))
+    return self._zeros[capacity]
 
   def combine(self, layer, results):
+    if not self._serving():
+      return
     self.x = datapath.aw_combine(self.params, self.cfg, self.x, self.h, layer, tuple(results),
                                  self.dest, self.weights)
 
   def sample(self, key_data, step, temperature, top_p):
-    """Samples each row's next token (a device array, not yet fetched)."""
+    """Samples each row's next token (a device array, not yet fetched); None if hung."""
+    if not self._serving():
+      return None
     tokens, self.cache = datapath.aw_finish(
         self.params, self.cfg, self.x, self.cache, self.slots, self.n_new,
         *self.put((key_data, step, temperature, top_p)))
     return tokens
+
+  def restore(self, slot: int, k: np.ndarray, v: np.ndarray) -> int:
+    """Writes a request's KV (host [L, n, K, H]) into `slot`; returns the bytes moved."""
+    if not self._serving():
+      return 0
+    n = k.shape[1]
+    P = restore_bucket(n, self.cache.max_len)
+    pad = ((0, 0), (0, P - n), (0, 0), (0, 0))
+    kp, vp, slot_d, n_d = self.put((np.pad(k, pad), np.pad(v, pad), np.int32(slot), np.int32(n)))
+    self.cache = datapath.aw_restore(self.cache, slot_d, kp, vp, n_d)
+    return k.nbytes + v.nbytes
+
+  def cache_copy(self):
+    """Device copies (k, v, lengths) of the whole cache, for a base snapshot."""
+    if not self._serving():
+      return None
+    return datapath.aw_cache_copy(self.cache)
+
+  def warm_up(self, seq_lens, num_ew: int, slots_per_layer: int, active):
+    """Compiles this cell's executables for each step length T in `seq_lens`, touching no slot."""
+    B = self.num_slots
+    for T in seq_lens:
+      self.begin(np.zeros((B, T), np.int32), np.zeros((B,), np.int32), np.zeros((B,), bool))
+      bufs, _, _ = self.attend(0, active, num_ew, slots_per_layer)
+      self.combine(0, [self.zeros(b.shape[0]) for b in bufs])
+      zeros = np.zeros((B,), np.int32)
+      self.sample(np.zeros((B, 2), np.uint32), zeros, zeros.astype(np.float32),
+                  np.ones((B,), np.float32))
+    P = restore_bucket(1, self.cache.max_len)
+    while True:  # restores into slot 0 with length 0: nothing changes
+      k = np.zeros((self.cfg.num_layers, P, self.cfg.num_kv_heads, self.cfg.head_dim),
+                   self.cfg.dtype)
+      kp, vp, slot, n = self.put((k, k, np.int32(0), np.int32(0)))
+      self.cache = datapath.aw_restore(self.cache, slot, kp, vp, n)
+      if P >= self.cache.max_len:
+        break
+      P = restore_bucket(P + 1, self.cache.max_len)
+    self.cache.lengths.block_until_ready()
 
 
 def ew_weights(params: ModelParams, placement: Placement, ew: int) -> ExpertParams:
@@ -90,12 +173,13 @@ def ew_weights(params: ModelParams, placement: Placement, ew: int) -> ExpertPara
   return ExpertParams(gather(e.w_gate), gather(e.w_up), gather(e.w_down))
 
 
-class ExpertWorker:
+class ExpertWorker(FaultDomain):
   """Holds the expert slots of its placement and runs them for all AWs, one layer at a time."""
 
   def __init__(self, index: int, cell: Cell, cfg: ModelConfig, params: ModelParams,
                placement: Placement, transfers: Transfers):
     self.index, self.cell, self.cfg, self.transfers = index, cell, cfg, transfers
+    self.name = f"ew{index}"
     self.num_ew = placement.num_ew
     host = ew_weights(params, placement, index)
     axes = ExpertParams(("layers", "slots", "embed", "expert_hidden"),
@@ -115,7 +199,18 @@ class ExpertWorker:
     return self._empty[capacity]
 
   def run_layer(self, layer, inbox: list[tuple]):
-    """Runs one layer over the buffers of all AWs: inbox[a] = (tokens [C, D], slots i32[C])."""
+    """Runs one layer over the buffers of all AWs: inbox[a] = (tokens [C, D], slots i32[C]).
+
+    Returns per-AW outputs [C, D], or None if the worker is hung.
+    """
+    if not self._serving():
+      return None
     tokens = tuple(t for t, _ in inbox)
     slots = tuple(s for _, s in inbox)
     return datapath.ew_experts(self.weights, self.cfg, layer, tokens, slots, num_ew=self.num_ew)
+
+  def warm_up(self, capacities, num_aw: int):
+    """Compiles the expert call for each buffer capacity, on empty buffers."""
+    for c in capacities:
+      out = self.run_layer(0, [self.empty_buffer(c)] * num_aw)
+      jax.block_until_ready(out)

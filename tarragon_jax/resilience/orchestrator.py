@@ -1,0 +1,351 @@
+"""The orchestrator: membership, failure handling, routing-table epochs, restores, replacements.
+
+`Recovery` holds what both recovery policies share: fault injection, fencing a failed worker
+(its arrays deleted, its surviving devices back to the spare pool), the snapshot store's
+watchdog and restart. `Tarragon` repairs only what failed:
+
+- EW failure: the AWs that had sent it tokens replay the layer to shadows (see
+  `Engine.run_layer`); the table's epoch is bumped for every AW; a replacement EW is built on
+  spare devices in a background thread (weights restored with orbax, executables compiled)
+  and joins at a layer boundary.
+- AW failure: its requests go back to the front of the queue; when placed on a surviving AW
+  each is restored from its last committed token in the snapshot store (only the uncommitted
+  tail is recomputed), or re-prefilled if it was in prefill or the store has nothing.
+- Store failure: serving goes on; AW failures fall back to re-prefill until a new store has
+  received a base snapshot of every live request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+
+import jax
+
+from tarragon_jax.checkpoint import load_checkpoint
+from tarragon_jax.mesh.cells import Cell
+from tarragon_jax.resilience.fault_domain import FaultDomain, Health
+from tarragon_jax.resilience.faults import Fault
+from tarragon_jax.resilience.routing_table import RoutingTable
+from tarragon_jax.resilience.snapshot_store import SnapshotStore
+from tarragon_jax.serving.requests import Phase, RequestState
+from tarragon_jax.serving.workers import AttentionWorker, ExpertWorker
+
+
+class Recovery:
+  """Fault injection, fencing and the snapshot store's lifecycle; subclasses repair."""
+
+  class Restart(Exception):
+    """Raised inside a step when the policy restarts everything (the baseline)."""
+
+  def __init__(self, engine):
+    self.e = engine
+    self._pending_loss: dict[str, int] = {}
+    self._store_probe: float | None = None
+    self._store_gen = 0
+    self._base_pending = False
+    self.restores: list[dict] = []
+
+  @property
+  def recovering(self) -> bool:
+    return False
+
+  # -- faults and fencing ----------------------------------------------------------------------
+
+  def worker(self, name: str) -> FaultDomain | None:
+    e = self.e
+    if name == "store":
+      return e.store
+    workers = e.aws if name.startswith("aw") else e.ews
+    index = int(name[2:])
+    if index >= len(workers):
+      raise ValueError(f"fault on {name}: the engine has {len(workers)} "
+                       f"{name[:2].upper()}s (0..{len(workers) - 1})")
+    return workers[index]
+
+  def inject(self, fault: Fault):
+    e = self.e
+    e.timeline.add("fault", worker=fault.worker, kind=fault.kind, step=e.iteration)
+    if fault.kind == "restart":
+      self.restart_store()
+      return
+    w = self.worker(fault.worker)
+    if w is None or w.health is Health.DEAD:
+      e.timeline.add("fault_ignored", worker=fault.worker, why="not running")
+      return
+    if fault.kind == "hang":
+      w.hang()
+      return
+    cell = getattr(w, "cell", None)
+    if cell is not None and fault.lost_device >= 0:
+      if fault.lost_device >= cell.size:
+        raise ValueError(f"fault on {fault.worker}: lost_device={fault.lost_device} but its cell "
+                         f"has {cell.size} devices")
+      self._pending_loss[w.name] = fault.lost_device
+    w.kill()
+
+  def fence(self, worker: FaultDomain):
+    """Makes a failure final: arrays deleted, devices (but a lost one) back to the spare pool."""
+    worker.kill()
+    cell = getattr(worker, "cell", None)
+    if cell is None:
+      return
+    lost = self._pending_loss.pop(worker.name, None)
+    for i, d in enumerate(cell.devices):
+      (self.e.lost_devices if i == lost else self.e.spares).append(d)
+
+  # -- the snapshot store ----------------------------------------------------------------------
+
+  def new_store(self) -> SnapshotStore:
+    e, rc = self.e, self.e.engine_cfg.resilience
+    self._store_gen += 1
+    return SnapshotStore(e.cfg, os.path.join(e.store_dir, f"gen{self._store_gen}"),
+                         rc.flush_interval_s)
+
+  def watch_store(self):
+    """Declares a store failed that stopped draining its queue and does not answer probes."""
+    store, probe = self.e.store, self.e.engine_cfg.resilience.detection.probe_interval_s
+    if store is None or store.health is Health.DEAD:
+      return
+    lag = store.lag_s()
+    if lag < probe or store.probe():
+      self._store_probe = None
+      return
+    now = time.perf_counter()
+    if self._store_probe is None:
+      self._store_probe = now
+    elif now - self._store_probe >= probe:
+      self.e.detector.declare(store, now - lag, "probe unanswered")
+      self.store_failed()
+
+  def store_failed(self):
+    e = self.e
+    if e.store is None:
+      return
+    e.store.kill()
+    e.store = None
+    e.timeline.add("store_failed", step=e.iteration)
+    if e.engine_cfg.resilience.replace_store:
+      self.restart_store()
+
+  def restart_store(self):
+    """A new store; every live request's KV so far is sent to it at the next step boundary."""
+    e = self.e
+    if not e.engine_cfg.resilience.snapshots or (e.store is not None
+                                                 and e.store.health is Health.ALIVE):
+      return
+    if e.store is not None:
+      e.store.kill()
+    e.store = self.new_store()
+    self._base_pending = True
+    e.timeline.add("store_started", step=e.iteration)
+
+  def step_boundary(self):
+    """Called between iterations: base snapshots for a new store, then `poll`."""
+    e = self.e
+    if self._base_pending and e.store is not None:
+      self._base_pending = False
+      for a, owners in enumerate(e.slot_owner):
+        rows = [(r, e.requests[r].slot, e.requests[r].cached) for r in (owners or [])
+                if r >= 0 and e.requests[r].cached > 0]
+        copy = e.aws[a].cache_copy() if rows else None
+        if copy is not None:
+          e._to_store("base", rows, copy[0], copy[1])
+      e.timeline.add("store_base_sent", step=e.iteration)
+    self.poll()
+
+  def poll(self):
+    self.watch_store()
+
+  def close(self):
+    """Stops background work (the store's thread)."""
+    if self.e.store is not None:
+      self.e.store.stop()
+
+  def summary(self) -> dict:
+    tl = self.e.timeline
+    restores = self.restores
+    return dict(
+        failures=len(tl.of("declared_failed")),
+        detection_s=[round(ev["detection_s"], 6) for ev in tl.of("declared_failed")],
+        restores=len([r for r in restores if r["mode"] == "restore"]),
+        reprefills=len([r for r in restores if r["mode"] == "reprefill"]),
+        restore_bytes=sum(r["bytes"] for r in restores),
+        restore_s_max=max((r["seconds"] for r in restores), default=0.0),
+        recomputed_tokens=sum(r["recomputed_tokens"] for r in restores),
+        recomputed_token_layers=sum(r["token_layers"] for r in restores),
+        uncommitted_tail_tokens=sum(r["uncommitted_tail"] for r in restores),
+        table_epoch=self.e.table.epoch,
+    )
+
+
+@dataclasses.dataclass
+class _Build:
+  kind: str  # "aw" | "ew"
+  index: int
+  cell: Cell
+  started: float
+  worker: FaultDomain | None = None
+  error: str | None = None
+  done: float | None = None
+  thread: threading.Thread | None = None
+
+
+class Tarragon(Recovery):
+  """Per-worker recovery: shadows and replay for EWs, per-request restore for AWs."""
+
+  def __init__(self, engine):
+    super().__init__(engine)
+    self._builds: list[_Build] = []
+    self._generation = 0
+
+  @property
+  def recovering(self) -> bool:
+    e = self.e
+    return bool(self._builds) or any(e.requests[r].restore for r in e.waiting)
+
+  def _table(self) -> RoutingTable:
+    e = self.e
+    table = e.base_table
+    for m in sorted(e.failed_ews):
+      table = table.without_ew(m)
+    return dataclasses.replace(table, epoch=e.table.epoch + 1)
+
+  def ews_failed(self, ews: list[int], layer: int):
+    e = self.e
+    for m in ews:
+      self.fence(e.ews[m])
+      e.failed_ews.add(m)
+      e.timeline.add("ew_failed", ew=m, layer=layer, step=e.iteration)
+      self._provision("ew", m)
+    table = self._table()
+    if table.unreachable():  # no replica left: wait for the replacements (a stall, recorded)
+      e.timeline.add("experts_unreachable", pairs=len(table.unreachable()))
+      self.wait_for_replacements()
+      table = self._table()
+      if table.unreachable():
+        raise RuntimeError(f"EWs {sorted(e.failed_ews)} failed, experts {table.unreachable()[:4]} "
+                           f"have no replica left and no spare device could rebuild them; add "
+                           f"shadows_per_expert or spare devices")
+    e.set_routing_table(table)
+    e.timeline.add("table", epoch=table.epoch, failed_ews=sorted(e.failed_ews))
+
+  def aw_failed(self, a: int, layer: int):
+    e = self.e
+    self.fence(e.aws[a])
+    rids = [r for r in (e.slot_owner[a] or []) if r >= 0]
+    e.slot_owner[a] = None
+    e.active_tables[a] = None
+    for r in rids:
+      s = e.requests[r]
+      s.restore, s.lost_layer, s.phase = True, layer, Phase.WAITING
+      s.failed_at = (s.cached, len(s.feed))
+    e.waiting = rids + [r for r in e.waiting if r not in rids]
+    e.timeline.add("aw_failed", aw=a, layer=layer, step=e.iteration, requests=rids)
+    self._provision("aw", a)
+
+  def restore(self, s: RequestState):
+    """Restores a request placed on (s.aw, s.slot) from the store, or leaves it to re-prefill."""
+    e, t0 = self.e, time.perf_counter()
+    point, committed = None, 0
+    store = e.store
+    if store is not None and store.health is not Health.DEAD:
+      mark = store.mark()
+      if e.detector.silent(store, lambda: store.caught_up(mark)):
+        self.store_failed()
+      else:
+        point = store.restore_point(s.id)
+    nbytes = 0
+    if point is not None:
+      committed = point[0].shape[1]
+      nbytes = e.aws[s.aw].restore(s.slot, *point)
+    s.cached, s.restore = committed, False
+    had, fed = s.failed_at
+    record = dict(
+        request=s.id, aw=s.aw, mode="restore" if point is not None else "reprefill",
+        had=had, restored=committed, recomputed_tokens=had - committed,
+        uncommitted_tail=had - committed if point is not None else had,
+        token_layers=(had - committed) * e.cfg.num_layers + s.lost_layer * fed,
+        bytes=nbytes, seconds=time.perf_counter() - t0)
+    self.restores.append(record)
+    e.timeline.add("restore", **record)
+
+  # -- replacements ----------------------------------------------------------------------------
+
+  def wait_for_replacements(self, timeout_s: float = 600.0):
+    """Blocks until every replacement being built has finished, then joins them."""
+    deadline = time.perf_counter() + timeout_s
+    for b in list(self._builds):
+      b.thread.join(max(0.0, deadline - time.perf_counter()))
+    self.poll()
+
+  def close(self):
+    for b in list(self._builds):
+      b.thread.join()
+    super().close()
+
+  def _provision(self, kind: str, index: int):
+    e = self.e
+    if not e.engine_cfg.resilience.replace_failed:
+      return
+    size = e.plan.devices_per_ew if kind == "ew" else e.plan.devices_per_aw
+    if not e.spares:
+      e.timeline.add("no_spare", worker=f"{kind}{index}")
+      return
+    devices = tuple(e.spares[:size])
+    del e.spares[:len(devices)]
+    self._generation += 1
+    build = _Build(kind, index, Cell(f"{kind}{index}.r{self._generation}", devices),
+                   time.perf_counter())
+    self._builds.append(build)
+    e.timeline.add("replacement_started", worker=f"{kind}{index}",
+                   devices=[d.id for d in devices])
+    build.thread = threading.Thread(target=self._build, args=(build,), daemon=True)
+    build.thread.start()
+
+  def _build(self, b: _Build):
+    """Runs off the serving thread: weights from orbax, worker on its cell, compile."""
+    e = self.e
+    try:
+      sharding = jax.sharding.SingleDeviceSharding(b.cell.devices[0])
+      _, params = load_checkpoint(e.weights_dir, shardings=sharding)
+      seq_lens = sorted(list(e.seq_lens))
+      if b.kind == "ew":
+        w = ExpertWorker(b.index, b.cell, e.cfg, params, e.placement, e.transfers)
+        B, X = e.engine_cfg.slots_per_aw, e.cfg.top_k
+        w.warm_up([B * T * X for T in seq_lens], len(e.aws))
+      else:
+        w = AttentionWorker(b.index, b.cell, e.cfg, params, e.engine_cfg.slots_per_aw,
+                            e.transfers)
+        w.warm_up(seq_lens, len(e.ews), e.placement.slots_per_layer, w.put(e.base_table.active))
+      b.worker = w
+    except Exception as err:  # noqa: BLE001 - reported in the timeline, serving goes on
+      b.error = repr(err)
+    b.done = time.perf_counter()
+
+  def poll(self):
+    """Joins finished replacements (at a layer boundary) and watches the store."""
+    super().poll()
+    e = self.e
+    for b in [b for b in self._builds if b.done is not None]:
+      self._builds.remove(b)
+      name = f"{b.kind}{b.index}"
+      if b.error is not None:
+        e.spares.extend(b.cell.devices)
+        e.timeline.add("replacement_failed", worker=name, error=b.error)
+        continue
+      if b.kind == "ew":
+        e.ews[b.index] = b.worker
+        e.failed_ews.discard(b.index)
+        e.set_routing_table(self._table())
+      else:
+        e.aws[b.index] = b.worker
+        e.slot_owner[b.index] = [-1] * e.engine_cfg.slots_per_aw
+        e.active_tables[b.index] = b.worker.put(e.table.active)
+      e.timeline.add("replacement_joined", worker=name, build_s=b.done - b.started,
+                     waited_s=time.perf_counter() - b.done, epoch=e.table.epoch,
+                     devices=[d.id for d in b.cell.devices])
+
+

@@ -1,0 +1,234 @@
+"""The snapshot store: asynchronous, incremental KV-cache snapshots with per-request restore.
+
+Attention workers hand the store every new KV segment, per step and per layer, as device arrays;
+the calls only enqueue (nothing waits on the decode path). The store's own thread copies each
+segment to host memory and keeps, per AW, a log of step records; a step's tokens are committed
+once all of its layers are in. Committed KV is persisted in the background with tensorstore
+(`KVArchive`). An orchestrator reads a request's last committed position and its KV back with
+`restore_point`.
+
+Legend: L layers, B rows (slots) of the sending AW, T tokens per row, K kv heads, H head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+
+import numpy as np
+
+from tarragon_jax.config import ModelConfig
+from tarragon_jax.resilience.fault_domain import FaultDomain, Health, WorkerDead
+from tarragon_jax.resilience.kv_archive import KVArchive
+
+
+@dataclasses.dataclass
+class _RequestKV:
+  k: np.ndarray  # [L, capacity, K, H]
+  v: np.ndarray
+  committed: int = 0  # positions [0, committed) are complete in every layer
+  archived: int = 0  # positions handed to the durable tier
+
+  def ensure(self, n: int, max_len: int):
+    if n > self.k.shape[1]:
+      cap = min(max(n, 2 * self.k.shape[1]), max_len)
+      pad = ((0, 0), (0, cap - self.k.shape[1]), (0, 0), (0, 0))
+      self.k, self.v = np.pad(self.k, pad), np.pad(self.v, pad)
+
+
+@dataclasses.dataclass
+class _StepRecord:
+  rows: list  # (request id, slot, start position, tokens) that this step logs
+  layers: set = dataclasses.field(default_factory=set)
+
+
+class SnapshotStore(FaultDomain):
+  """Per-AW KV logs with commit records, host memory first, tensorstore in the background."""
+
+  def __init__(self, cfg: ModelConfig, directory: str, flush_interval_s: float = 0.2,
+               max_queue: int = 100_000, name: str = "store"):
+    self.cfg, self.name = cfg, name
+    self.flush_interval_s = flush_interval_s
+    self.archive = KVArchive(directory, cfg)
+    self._queue: queue.Queue = queue.Queue(max_queue)
+    self._kv: dict[int, _RequestKV] = {}
+    self._logs: dict[int, dict[int, _StepRecord]] = {}  # aw -> seq -> record
+    self._lock = threading.Lock()
+    self.enqueued = self.processed = 0
+    self.commit_records = 0
+    self.bytes_in = 0
+    self._oldest_pending: float | None = None
+    self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+    self._thread.start()
+
+  # -- AW side: enqueue only ----------------------------------------------------------------
+
+  def begin(self, aw: int, seq: int, rows: list[tuple[int, int, int, int]]):
+    """Step `seq` of AW `aw` will log rows (request id, slot, start position, new tokens)."""
+    self._put(("begin", aw, seq, rows))
+
+  def segment(self, aw: int, seq: int, layer: int, k, v):
+    """Layer `layer`'s new KV of step `seq`: device arrays k, v [B, T, K, H]."""
+    self._put(("segment", aw, seq, layer, k, v))
+
+  def base(self, rows: list[tuple[int, int, int]], k, v):
+    """A whole cache copy (k, v [L, B, T, K, H]) for rows (request id, slot, length)."""
+    self._put(("base", rows, k, v))
+
+  def forget(self, rid: int):
+    """The request finished: its host copy is freed (its durable copy stays)."""
+    self._put(("forget", rid))
+
+  def _put(self, item):
+    if self.health is Health.DEAD:
+      raise WorkerDead(f"{self.name} is dead")
+    with self._lock:
+      self.enqueued += 1
+      if self._oldest_pending is None:
+        self._oldest_pending = time.perf_counter()
+    self._queue.put_nowait(item)
+
+  # -- orchestrator side --------------------------------------------------------------------
+
+  def lag_s(self) -> float:
+    """How long the oldest unprocessed item has waited (0 if the store is caught up)."""
+    with self._lock:
+      t = self._oldest_pending
+    return 0.0 if t is None else time.perf_counter() - t
+
+  def mark(self) -> int:
+    return self.enqueued
+
+  def caught_up(self, mark: int) -> bool:
+    return self.processed >= mark
+
+  @property
+  def flushing(self) -> bool:
+    return self.archive.flushing
+
+  def committed(self, rid: int) -> int:
+    with self._lock:
+      kv = self._kv.get(rid)
+      return 0 if kv is None else kv.committed
+
+  def restore_point(self, rid: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Host copies (k, v) [L, n, K, H] of the request's committed KV, or None if none."""
+    if not self._serving():
+      return None
+    with self._lock:
+      kv = self._kv.get(rid)
+      if kv is None or kv.committed == 0:
+        return None
+      n = kv.committed
+      return kv.k[:, :n].copy(), kv.v[:, :n].copy()
+
+  def stop(self):
+    """Shuts the store down cleanly (the end of serving, not a failure)."""
+    if self.health is not Health.DEAD:
+      self.kill()
+    self._thread.join()
+
+  def kill(self):
+    super().kill()
+    with self._lock:
+      self._kv, self._logs = {}, {}
+    try:
+      self._queue.put_nowait(None)  # wake the thread so that it exits
+    except queue.Full:
+      pass
+
+  # -- the store's thread -------------------------------------------------------------------
+
+  def _loop(self):
+    last_flush = time.perf_counter()
+    while self.health is not Health.DEAD:
+      if self.health is Health.HUNG:
+        time.sleep(self.flush_interval_s / 10)  # a hung store does nothing at all
+        continue
+      try:
+        item = self._queue.get(timeout=self.flush_interval_s / 4)
+      except queue.Empty:
+        item = None
+      if self.health is not Health.ALIVE:
+        continue
+      if item is not None:
+        try:
+          self._apply(item)
+        except Exception:  # noqa: BLE001 - a segment of a killed AW is lost; it never commits
+          pass
+        with self._lock:
+          self.processed += 1
+          self._oldest_pending = None if self.processed >= self.enqueued else time.perf_counter()
+      self.archive.poll()
+      if time.perf_counter() - last_flush >= self.flush_interval_s:
+        self._flush()
+        last_flush = time.perf_counter()
+
+  def _apply(self, item):
+    kind = item[0]
+    L, max_len = self.cfg.num_layers, self.cfg.max_seq_len
+    if kind == "begin":
+      _, aw, seq, rows = item
+      with self._lock:
+        keep = []
+        for rid, slot, start, n in rows:
+          if start == 0:
+            self._request(rid, n, L, max_len, fresh=True)
+          elif rid not in self._kv or start > self._kv[rid].committed:
+            continue  # a gap (the store restarted): no restore point until a base arrives
+          keep.append((rid, slot, start, n))
+        self._logs.setdefault(aw, {})[seq] = _StepRecord(keep)
+    elif kind == "segment":
+      _, aw, seq, layer, k, v = item
+      record = self._logs.get(aw, {}).get(seq)
+      if record is None:
+        return
+      k, v = np.asarray(k), np.asarray(v)  # waits for the AW's device here, not on its path
+      with self._lock:
+        for rid, slot, start, n in record.rows:
+          kv = self._request(rid, start + n, L, max_len)
+          kv.k[layer, start:start + n] = k[slot, :n]
+          kv.v[layer, start:start + n] = v[slot, :n]
+          self.bytes_in += k[slot, :n].nbytes + v[slot, :n].nbytes
+        record.layers.add(layer)
+        if len(record.layers) == L:  # the commit record
+          for rid, _, start, n in record.rows:
+            self._kv[rid].committed = start + n
+          self.commit_records += 1
+          del self._logs[aw][seq]
+    elif kind == "base":
+      _, rows, k, v = item
+      k, v = np.asarray(k), np.asarray(v)
+      with self._lock:
+        for rid, slot, n in rows:
+          kv = self._request(rid, n, L, max_len, fresh=True)
+          kv.k[:, :n], kv.v[:, :n] = k[:, slot, :n], v[:, slot, :n]
+          kv.committed = n
+          self.bytes_in += k[:, slot, :n].nbytes + v[:, slot, :n].nbytes
+    elif kind == "forget":
+      with self._lock:
+        self._kv.pop(item[1], None)
+
+  def _request(self, rid, n, L, max_len, fresh: bool = False) -> _RequestKV:
+    kv = self._kv.get(rid)
+    if kv is None or fresh:
+      shape = (L, max(16, n), self.cfg.num_kv_heads, self.cfg.head_dim)
+      kv = _RequestKV(np.zeros(shape, self.cfg.dtype), np.zeros(shape, self.cfg.dtype))
+      self._kv[rid] = kv
+    kv.ensure(n, max_len)
+    return kv
+
+  def _flush(self):
+    """Queues every newly committed range to the durable tier (tensorstore writes async)."""
+    if self.archive.flushing:
+      return
+    with self._lock:
+      todo = [(rid, kv.archived, kv.committed, kv.k[:, kv.archived:kv.committed].copy(),
+               kv.v[:, kv.archived:kv.committed].copy())
+              for rid, kv in self._kv.items() if kv.committed > kv.archived]
+      for rid, _, hi, _, _ in todo:
+        self._kv[rid].archived = hi
+    for rid, lo, _, k, v in todo:
+      self.archive.write(rid, lo, k, v)

@@ -1,0 +1,49 @@
+"""Configuration of the engine: cluster shape, batching and resilience. Frozen and validated."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tarragon_jax.mesh.cells import CellPlan
+from tarragon_jax.resilience.detector import DetectionConfig
+
+RECOVERY_MODES = ("tarragon", "global_restart")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResilienceConfig:
+  """How failures are detected and repaired."""
+
+  recovery: str = "tarragon"  # or "global_restart" (the MegaScale-like baseline)
+  snapshots: bool = True  # AWs log KV to the snapshot store (per-request restore)
+  detection: DetectionConfig = DetectionConfig()
+  replace_failed: bool = True  # failed AWs/EWs get a replacement on spare devices
+  replace_store: bool = True  # a failed store is restarted at once (else: `restart:store` fault)
+  flush_interval_s: float = 0.2  # the store's durable tier is written this often
+  store_dir: str | None = None  # durable snapshot tier; a temporary directory if None
+  weights_dir: str | None = None  # orbax checkpoint for replacements/restarts; saved if None
+
+  def __post_init__(self):
+    if self.recovery not in RECOVERY_MODES:
+      raise ValueError(f"ResilienceConfig: recovery={self.recovery!r}; use one of "
+                       f"{RECOVERY_MODES}")
+    if not self.flush_interval_s > 0:
+      raise ValueError(f"ResilienceConfig: flush_interval_s={self.flush_interval_s} must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  """Cluster shape and batching. See README for what each field does."""
+
+  plan: CellPlan = CellPlan()
+  slots_per_aw: int = 8  # concurrent requests per AW (KV-cache slots)
+  shadows_per_expert: int = 1
+  ew_slots_per_layer: int | None = None  # expert slots per EW per layer (budget); None = fit
+  min_prefill_bucket: int = 16  # prompts are padded to a power of two >= this
+  resilience: ResilienceConfig = ResilienceConfig()
+
+  def __post_init__(self):
+    if self.slots_per_aw < 1:
+      raise ValueError(f"EngineConfig: slots_per_aw={self.slots_per_aw} must be >= 1")
+    if self.min_prefill_bucket < 1:
+      raise ValueError(f"EngineConfig: min_prefill_bucket={self.min_prefill_bucket} must be >= 1")
