@@ -94,12 +94,8 @@ class GlobalRestart(Recovery):
     del params
     jax.block_until_ready([w.cache for w in e.aws] + [w.weights for w in e.ews])
     phase("rebuild_s")
-    seq_lens = sorted(e.seq_lens)  # 5. compile what serving had compiled before
-    B, X = e.engine_cfg.slots_per_aw, e.cfg.top_k
-    for aw in e.aws:
-      aw.warm_up(seq_lens, len(e.ews), e.placement.slots_per_layer, e.active_tables[aw.index])
-    for ew in e.ews:
-      ew.warm_up([B * T * X for T in seq_lens], len(e.aws))
+    for w in e.aws + e.ews:  # 5. compile what serving had compiled before
+      e.warm_worker(w)
     phase("compile_s")
     recomputed = 0  # 6. every in-flight request starts again from its prompt
     for s in in_flight:

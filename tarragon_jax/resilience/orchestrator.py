@@ -31,7 +31,6 @@ from tarragon_jax.resilience.faults import Fault
 from tarragon_jax.resilience.routing_table import RoutingTable
 from tarragon_jax.resilience.snapshot_store import SnapshotStore
 from tarragon_jax.serving.requests import Phase, RequestState
-from tarragon_jax.serving.workers import AttentionWorker, ExpertWorker
 
 
 class Recovery:
@@ -159,6 +158,10 @@ class Recovery:
   def poll(self):
     self.watch_store()
 
+  def wait_for_replacements(self, timeout_s: float = 600.0):
+    """Blocks until replacements being built have joined (none in this policy)."""
+    self.poll()
+
   def close(self):
     """Stops background work (the store's thread)."""
     if self.e.store is not None:
@@ -199,12 +202,13 @@ class Tarragon(Recovery):
   def __init__(self, engine):
     super().__init__(engine)
     self._builds: list[_Build] = []
+    self._to_build: list[tuple[str, int]] = []
     self._generation = 0
 
   @property
   def recovering(self) -> bool:
     e = self.e
-    return bool(self._builds) or any(e.requests[r].restore for r in e.waiting)
+    return bool(self._builds or self._to_build) or any(e.requests[r].restore for r in e.waiting)
 
   def _table(self) -> RoutingTable:
     e = self.e
@@ -219,10 +223,11 @@ class Tarragon(Recovery):
       self.fence(e.ews[m])
       e.failed_ews.add(m)
       e.timeline.add("ew_failed", ew=m, layer=layer, step=e.iteration)
-      self._provision("ew", m)
+      self._to_build.append(("ew", m))
     table = self._table()
     if table.unreachable():  # no replica left: wait for the replacements (a stall, recorded)
       e.timeline.add("experts_unreachable", pairs=len(table.unreachable()))
+      self._start_builds()
       self.wait_for_replacements()
       table = self._table()
       if table.unreachable():
@@ -244,7 +249,7 @@ class Tarragon(Recovery):
       s.failed_at = (s.cached, len(s.feed))
     e.waiting = rids + [r for r in e.waiting if r not in rids]
     e.timeline.add("aw_failed", aw=a, layer=layer, step=e.iteration, requests=rids)
-    self._provision("aw", a)
+    self._to_build.append(("aw", a))
 
   def restore(self, s: RequestState):
     """Restores a request placed on (s.aw, s.slot) from the store, or leaves it to re-prefill."""
@@ -276,20 +281,31 @@ class Tarragon(Recovery):
 
   def wait_for_replacements(self, timeout_s: float = 600.0):
     """Blocks until every replacement being built has finished, then joins them."""
+    self._start_builds()
     deadline = time.perf_counter() + timeout_s
     for b in list(self._builds):
       b.thread.join(max(0.0, deadline - time.perf_counter()))
     self.poll()
 
   def close(self):
+    self._to_build = []
     for b in list(self._builds):
       b.thread.join()
     super().close()
 
+  def step_boundary(self):
+    """Starts the replacements asked for during the last step, once its repair is done."""
+    self._start_builds()
+    super().step_boundary()
+
+  def _start_builds(self):
+    todo, self._to_build = self._to_build, []
+    if self.e.engine_cfg.resilience.replace_failed:
+      for kind, index in todo:
+        self._provision(kind, index)
+
   def _provision(self, kind: str, index: int):
     e = self.e
-    if not e.engine_cfg.resilience.replace_failed:
-      return
     size = e.plan.devices_per_ew if kind == "ew" else e.plan.devices_per_aw
     if not e.spares:
       e.timeline.add("no_spare", worker=f"{kind}{index}")
@@ -311,15 +327,8 @@ class Tarragon(Recovery):
     try:
       sharding = jax.sharding.SingleDeviceSharding(b.cell.devices[0])
       _, params = load_checkpoint(e.weights_dir, shardings=sharding)
-      seq_lens = sorted(list(e.seq_lens))
-      if b.kind == "ew":
-        w = ExpertWorker(b.index, b.cell, e.cfg, params, e.placement, e.transfers)
-        B, X = e.engine_cfg.slots_per_aw, e.cfg.top_k
-        w.warm_up([B * T * X for T in seq_lens], len(e.aws))
-      else:
-        w = AttentionWorker(b.index, b.cell, e.cfg, params, e.engine_cfg.slots_per_aw,
-                            e.transfers)
-        w.warm_up(seq_lens, len(e.ews), e.placement.slots_per_layer, w.put(e.base_table.active))
+      w = e.make_worker(b.kind, b.index, b.cell, params)
+      e.warm_worker(w)
       b.worker = w
     except Exception as err:  # noqa: BLE001 - reported in the timeline, serving goes on
       b.error = repr(err)

@@ -1,17 +1,19 @@
 """The snapshot store: asynchronous, incremental KV-cache snapshots with per-request restore.
 
-Attention workers hand the store every new KV segment, per step and per layer, as device arrays;
-the calls only enqueue (nothing waits on the decode path). The store's own thread copies each
-segment to host memory and keeps, per AW, a log of step records; a step's tokens are committed
-once all of its layers are in. Committed KV is persisted in the background with tensorstore
-(`KVArchive`). An orchestrator reads a request's last committed position and its KV back with
-`restore_point`.
+After every step each attention worker hands the store that step's new KV, every layer of it,
+as device arrays (`log_step`); the call only enqueues, nothing waits on the decode path. The
+store's own thread copies it to host memory in batches and appends it to a per-AW log: a step's
+tokens are committed (their commit record written) once all of their layers are in host
+memory, and only a row that continues its request's committed prefix is logged. Committed KV is
+persisted in the background with tensorstore (`KVArchive`). An orchestrator reads a request's
+last committed position and its KV back with `restore_point`.
 
 Legend: L layers, B rows (slots) of the sending AW, T tokens per row, K kv heads, H head dim.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import queue
 import threading
@@ -21,7 +23,7 @@ import numpy as np
 
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.resilience.fault_domain import FaultDomain, Health, WorkerDead
-from tarragon_jax.resilience.kv_archive import KVArchive
+from tarragon_jax.resilience.kv_archive import CHUNK, KVArchive
 
 
 @dataclasses.dataclass
@@ -38,12 +40,6 @@ class _RequestKV:
       self.k, self.v = np.pad(self.k, pad), np.pad(self.v, pad)
 
 
-@dataclasses.dataclass
-class _StepRecord:
-  rows: list  # (request id, slot, start position, tokens) that this step logs
-  layers: set = dataclasses.field(default_factory=set)
-
-
 class SnapshotStore(FaultDomain):
   """Per-AW KV logs with commit records, host memory first, tensorstore in the background."""
 
@@ -51,10 +47,13 @@ class SnapshotStore(FaultDomain):
                max_queue: int = 100_000, name: str = "store"):
     self.cfg, self.name = cfg, name
     self.flush_interval_s = flush_interval_s
+    self.batch_s = 0.005  # the thread applies what queued up in this long (unless hurried)
+    self._hurry = threading.Event()
     self.archive = KVArchive(directory, cfg)
     self._queue: queue.Queue = queue.Queue(max_queue)
     self._kv: dict[int, _RequestKV] = {}
-    self._logs: dict[int, dict[int, _StepRecord]] = {}  # aw -> seq -> record
+    # aw -> its latest commit records (step seq, {request: committed positions})
+    self.log: dict[int, collections.deque] = {}
     self._lock = threading.Lock()
     self.enqueued = self.processed = 0
     self.commit_records = 0
@@ -65,30 +64,27 @@ class SnapshotStore(FaultDomain):
 
   # -- AW side: enqueue only ----------------------------------------------------------------
 
-  def begin(self, aw: int, seq: int, rows: list[tuple[int, int, int, int]]):
-    """Step `seq` of AW `aw` will log rows (request id, slot, start position, new tokens)."""
-    self._put(("begin", aw, seq, rows))
-
-  def segment(self, aw: int, seq: int, layer: int, k, v):
-    """Layer `layer`'s new KV of step `seq`: device arrays k, v [B, T, K, H]."""
-    self._put(("segment", aw, seq, layer, k, v))
+  def log_step(self, aw: int, seq: int, rows: list[tuple[int, int, int, int]], k, v):
+    """Step `seq` of AW `aw`: k, v [L, B, T, K, H] (device arrays); rows are (request id, slot,
+    start position, new tokens)."""
+    self._put(("step", aw, seq, rows, k, v))
 
   def base(self, rows: list[tuple[int, int, int]], k, v):
     """A whole cache copy (k, v [L, B, T, K, H]) for rows (request id, slot, length)."""
     self._put(("base", rows, k, v))
 
   def forget(self, rid: int):
-    """The request finished: its host copy is freed (its durable copy stays)."""
+    """The request finished: its host and durable copies are released."""
     self._put(("forget", rid))
 
   def _put(self, item):
     if self.health is Health.DEAD:
       raise WorkerDead(f"{self.name} is dead")
-    with self._lock:
+    with self._lock:  # count only what was queued (queue.Full goes to the caller)
+      self._queue.put_nowait(item)
       self.enqueued += 1
       if self._oldest_pending is None:
         self._oldest_pending = time.perf_counter()
-    self._queue.put_nowait(item)
 
   # -- orchestrator side --------------------------------------------------------------------
 
@@ -99,6 +95,8 @@ class SnapshotStore(FaultDomain):
     return 0.0 if t is None else time.perf_counter() - t
 
   def mark(self) -> int:
+    """The count of items queued so far; wakes the store's thread to apply them now."""
+    self._hurry.set()
     return self.enqueued
 
   def caught_up(self, mark: int) -> bool:
@@ -133,7 +131,7 @@ class SnapshotStore(FaultDomain):
   def kill(self):
     super().kill()
     with self._lock:
-      self._kv, self._logs = {}, {}
+      self._kv, self.log = {}, {}
     try:
       self._queue.put_nowait(None)  # wake the thread so that it exits
     except queue.Full:
@@ -147,20 +145,27 @@ class SnapshotStore(FaultDomain):
       if self.health is Health.HUNG:
         time.sleep(self.flush_interval_s / 10)  # a hung store does nothing at all
         continue
-      try:
-        item = self._queue.get(timeout=self.flush_interval_s / 4)
+      batch = []
+      try:  # whatever is queued is applied as one batch: fewer hand-offs of the GIL
+        batch.append(self._queue.get(timeout=self.flush_interval_s / 4))
+        self._hurry.wait(self.batch_s)  # let a few steps queue up: fewer thread hand-offs
+        self._hurry.clear()
+        while True:
+          batch.append(self._queue.get_nowait())
       except queue.Empty:
-        item = None
+        pass
       if self.health is not Health.ALIVE:
         continue
-      if item is not None:
+      for item in batch:
+        if item is None:
+          continue
         try:
           self._apply(item)
-        except Exception:  # noqa: BLE001 - a segment of a killed AW is lost; it never commits
+        except Exception:  # noqa: BLE001 - KV of a killed AW is lost; it never commits
           pass
-        with self._lock:
-          self.processed += 1
-          self._oldest_pending = None if self.processed >= self.enqueued else time.perf_counter()
+      with self._lock:
+        self.processed += len(batch)
+        self._oldest_pending = None if self.processed >= self.enqueued else time.perf_counter()
       self.archive.poll()
       if time.perf_counter() - last_flush >= self.flush_interval_s:
         self._flush()
@@ -169,35 +174,22 @@ class SnapshotStore(FaultDomain):
   def _apply(self, item):
     kind = item[0]
     L, max_len = self.cfg.num_layers, self.cfg.max_seq_len
-    if kind == "begin":
-      _, aw, seq, rows = item
+    if kind == "step":
+      _, aw, seq, rows, k, v = item
+      k, v = np.asarray(k), np.asarray(v)  # waits for the AW's device here, off its path
       with self._lock:
-        keep = []
+        record = {}
         for rid, slot, start, n in rows:
-          if start == 0:
-            self._request(rid, n, L, max_len, fresh=True)
-          elif rid not in self._kv or start > self._kv[rid].committed:
+          kv = self._kv.get(rid)
+          if start > 0 and (kv is None or start > kv.committed):
             continue  # a gap (the store restarted): no restore point until a base arrives
-          keep.append((rid, slot, start, n))
-        self._logs.setdefault(aw, {})[seq] = _StepRecord(keep)
-    elif kind == "segment":
-      _, aw, seq, layer, k, v = item
-      record = self._logs.get(aw, {}).get(seq)
-      if record is None:
-        return
-      k, v = np.asarray(k), np.asarray(v)  # waits for the AW's device here, not on its path
-      with self._lock:
-        for rid, slot, start, n in record.rows:
-          kv = self._request(rid, start + n, L, max_len)
-          kv.k[layer, start:start + n] = k[slot, :n]
-          kv.v[layer, start:start + n] = v[slot, :n]
-          self.bytes_in += k[slot, :n].nbytes + v[slot, :n].nbytes
-        record.layers.add(layer)
-        if len(record.layers) == L:  # the commit record
-          for rid, _, start, n in record.rows:
-            self._kv[rid].committed = start + n
-          self.commit_records += 1
-          del self._logs[aw][seq]
+          kv = self._request(rid, start + n, L, max_len, fresh=start == 0)
+          kv.k[:, start:start + n] = k[:, slot, :n]
+          kv.v[:, start:start + n] = v[:, slot, :n]
+          kv.committed = record[rid] = start + n  # all L layers are in: the commit record
+          self.bytes_in += k[:, slot, :n].nbytes + v[:, slot, :n].nbytes
+        self.log.setdefault(aw, collections.deque(maxlen=1024)).append((seq, record))
+        self.commit_records += 1
     elif kind == "base":
       _, rows, k, v = item
       k, v = np.asarray(k), np.asarray(v)
@@ -210,6 +202,7 @@ class SnapshotStore(FaultDomain):
     elif kind == "forget":
       with self._lock:
         self._kv.pop(item[1], None)
+      self.archive.release(item[1])
 
   def _request(self, rid, n, L, max_len, fresh: bool = False) -> _RequestKV:
     kv = self._kv.get(rid)
@@ -221,14 +214,21 @@ class SnapshotStore(FaultDomain):
     return kv
 
   def _flush(self):
-    """Queues every newly committed range to the durable tier (tensorstore writes async)."""
+    """Stages every newly committed whole chunk (16 positions) for the durable tier.
+
+    Whole chunks only: a partial chunk would make tensorstore read the chunk back before
+    writing it. The durable tier therefore lags the host tier by < 16 tokens + one interval.
+    """
     if self.archive.flushing:
       return
     with self._lock:
-      todo = [(rid, kv.archived, kv.committed, kv.k[:, kv.archived:kv.committed].copy(),
-               kv.v[:, kv.archived:kv.committed].copy())
-              for rid, kv in self._kv.items() if kv.committed > kv.archived]
-      for rid, _, hi, _, _ in todo:
-        self._kv[rid].archived = hi
-    for rid, lo, _, k, v in todo:
+      todo = []
+      for rid, kv in self._kv.items():
+        hi = kv.committed // CHUNK * CHUNK
+        if hi > kv.archived:
+          todo.append((rid, kv.archived, kv.k[:, kv.archived:hi].copy(),
+                       kv.v[:, kv.archived:hi].copy()))
+          kv.archived = hi
+    for rid, lo, k, v in todo:
       self.archive.write(rid, lo, k, v)
+    self.archive.commit()

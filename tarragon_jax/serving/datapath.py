@@ -52,16 +52,11 @@ def aw_attend_and_pack(p: ModelParams, cfg: ModelConfig, x, cache: KVCache, laye
   Returns:
     x after attention [B, T, D]; the cache; per-EW token buffers (W arrays [C, D]); per-EW
     local slot ids (W arrays i32[C], -1 = empty); `dest` i32[M*X] where each assignment sits in
-    the concatenated buffers; routing weights f32[M, X]; normalized MoE input h [M, D]; the
-    layer's new KV segment (k, v) [B, T, K, H] for the snapshot store (rows' padding after
-    n_new is junk).
+    the concatenated buffers; routing weights f32[M, X]; normalized MoE input h [M, D].
   """
   lp = jax.tree.map(lambda w: w[layer], p.layers)
-  B, T, D = x.shape
-  positions = jnp.minimum(cache.lengths[slots][:, None] + jnp.arange(T)[None, :],
-                          cache.max_len - 1)
   x, cache = attention_half(lp, cfg, x, cache, layer, slots, n_new)
-  segment = (cache.k[layer, slots[:, None], positions], cache.v[layer, slots[:, None], positions])
+  B, T, D = x.shape
   M, X = B * T, cfg.top_k
   h = rms_norm(x, lp.mlp_norm, cfg.rms_eps).reshape(M, D)
   ids, weights = route(lp.moe.router, cfg, h)
@@ -76,7 +71,7 @@ def aw_attend_and_pack(p: ModelParams, cfg: ModelConfig, x, cache: KVCache, laye
   local = jnp.full((num_ew * C,), -1, jnp.int32).at[dest].set(phys % slots_per_layer, mode="drop")
   bufs = tuple(buf.reshape(num_ew, C, D))
   locals_ = tuple(local.reshape(num_ew, C))
-  return x, cache, bufs, locals_, dest, weights, h, segment
+  return x, cache, bufs, locals_, dest, weights, h
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -137,11 +132,16 @@ def aw_cache_copy(cache: KVCache):
 @functools.partial(jax.jit, static_argnames="cfg", donate_argnames="cache")
 def aw_finish(p: ModelParams, cfg: ModelConfig, x, cache: KVCache, slots, n_new, key_data, step,
               temperature, top_p):
-  """Ends a step: advances slot lengths, samples one token per row from its last real token.
+  """Ends a step: samples one token per row from its last real token, advances slot lengths.
 
   Returns:
-    (i32[B] sampled tokens, the cache).
+    (i32[B] sampled tokens, the cache, the step's new KV (k, v) [L, B, T, K, H] in every layer
+    for the snapshot store; row b's positions after n_new[b] are junk).
   """
   last = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]
   tokens = sample(logits(p, cfg, last), key_data, step, temperature, top_p)
-  return tokens, cache.advance(slots, n_new)
+  T = x.shape[1]
+  positions = jnp.minimum(cache.lengths[slots][:, None] + jnp.arange(T)[None, :],
+                          cache.max_len - 1)
+  segment = (cache.k[:, slots[:, None], positions], cache.v[:, slots[:, None], positions])
+  return tokens, cache.advance(slots, n_new), segment

@@ -25,9 +25,9 @@ import numpy as np
 
 from tarragon_jax.checkpoint import save_checkpoint
 from tarragon_jax.config import ModelConfig
-from tarragon_jax.layers.params import ModelParams
+from tarragon_jax.layers.params import ModelParams, abstract_params
 from tarragon_jax.layers.sampling import SamplingParams
-from tarragon_jax.mesh.cells import carve
+from tarragon_jax.mesh.cells import Cell, carve
 from tarragon_jax.mesh.transfer import Transfers
 from tarragon_jax.resilience.detector import Detector, WorkerTimeout
 from tarragon_jax.resilience.fault_domain import Health, WorkerDead
@@ -70,7 +70,6 @@ class Engine:
     self.weights_dir = rc.weights_dir or os.path.dirname(
         save_checkpoint(os.path.join(self._scratch, "weights"), params, cfg))
     self.store_dir = rc.store_dir or os.path.join(self._scratch, "snapshots")
-    self.injector = FaultInjector(faults)
     self.requests: dict[int, RequestState] = {}
     self.streams: dict[int, TokenStream] = {}
     self.waiting: list[int] = []
@@ -84,7 +83,13 @@ class Engine:
     self.recovery = (Tarragon if rc.recovery == "tarragon" else GlobalRestart)(self)
     if rc.snapshots:
       self.store = self.recovery.new_store()
+    self.arm_faults(faults)
+
+  def arm_faults(self, faults: Iterable[Fault]):
+    """Replaces the fault schedule; its steps and times count from now (e.g. after warm-up)."""
+    self.injector = FaultInjector(faults)
     self.t0 = time.perf_counter()
+    self._fault_step0 = self.iteration
 
   def build(self, params: ModelParams, devices, plan=None):
     """Carves cells from `devices` and puts every worker's weights on its cell."""
@@ -95,10 +100,8 @@ class Engine:
     self.spares = list(self.cells.spares)
     self.placement = place(self.cfg.num_layers, self.cfg.num_experts, plan.num_ew,
                            ec.ew_slots_per_layer, ec.shadows_per_expert)
-    self.aws = [AttentionWorker(i, c, self.cfg, params, ec.slots_per_aw, self.transfers)
-                for i, c in enumerate(self.cells.aw)]
-    self.ews = [ExpertWorker(i, c, self.cfg, params, self.placement, self.transfers)
-                for i, c in enumerate(self.cells.ew)]
+    self.aws = [self.make_worker("aw", i, c, params) for i, c in enumerate(self.cells.aw)]
+    self.ews = [self.make_worker("ew", i, c, params) for i, c in enumerate(self.cells.ew)]
     self.failed_ews: set[int] = set()
     self.slot_owner: list[list[int] | None] = [[-1] * ec.slots_per_aw for _ in self.aws]
     self.base_table = RoutingTable.from_placement(self.placement)
@@ -131,8 +134,8 @@ class Engine:
         raise ValueError(f"routing table sends layer {l} expert {e} to slot {slot} (EW {ew}), "
                          f"which holds expert {held}")
     self.table = table
-    self.active_tables = [aw.put(table.active) if aw.health is Health.ALIVE else None
-                          for aw in self.aws]
+    self.active_tables = [aw.put(table.active) if owners is not None else None
+                          for aw, owners in zip(self.aws, self.slot_owner)]
 
   # -- requests --------------------------------------------------------------------------------
 
@@ -181,8 +184,7 @@ class Engine:
     still = []
     for rid in self.waiting:
       state = self.requests[rid]
-      free = [a for a, owners in enumerate(self.slot_owner)
-              if owners is not None and -1 in owners and self.aws[a].health is Health.ALIVE]
+      free = [a for a, owners in enumerate(self.slot_owner) if owners is not None and -1 in owners]
       if state.arrival > now or not free:
         still.append(rid)
         continue
@@ -229,7 +231,8 @@ class Engine:
     now = time.perf_counter()
     store = self.store
     flushing = store is not None and store.health is Health.ALIVE and store.flushing
-    for fault in self.injector.due(self.iteration, layer, now - self.t0, flushing,
+    step = self.iteration - self._fault_step0
+    for fault in self.injector.due(step, layer, now - self.t0, flushing,
                                    self.recovery.recovering, now):
       self.recovery.inject(fault)
 
@@ -245,16 +248,21 @@ class Engine:
     seq = self.iteration
     self.seq_lens.add(T)
     try:
-      for a in live:
-        self.aws[a].begin(*batches[a][:3])
-        self._to_store("begin", a, seq, [(s.id, s.slot, s.cached, len(s.feed))
-                                         for s in batches[a][3]])
+      for a in list(live):
+        if self._call(self.aws[a], lambda w, a=a: w.begin(*batches[a][:3])) is None:
+          self.recovery.aw_failed(a, 0)
+          live.remove(a)
+          continue
       capacity = self.engine_cfg.slots_per_aw * T * self.cfg.top_k
       for layer in range(self.cfg.num_layers):
         self._fire_faults(layer)
         self.recovery.poll()
-        live = self.run_layer(layer, live, capacity, seq)
-      sampled = {a: self.aws[a].sample(*self._sampling_arrays(batches[a][3])) for a in live}
+        live = self.run_layer(layer, live, capacity)
+      sampled = {}
+      for a in live:
+        sampled[a], (k, v) = self.aws[a].sample(*self._sampling_arrays(batches[a][3]))
+        self._to_store("log_step", a, seq, [(s.id, s.slot, s.cached, len(s.feed))
+                                            for s in batches[a][3]], k, v)
       self.detector.wait({self.aws[a].name: (self.aws[a], sampled[a].is_ready) for a in live})
     except self.recovery.Restart:
       self.iteration += 1
@@ -279,8 +287,8 @@ class Engine:
 
   # -- the datapath of one layer, with failure handling inside the exchange -------------------
 
-  def attend(self, layer: int, live: list[int], seq: int | None = None) -> dict[int, tuple]:
-    """Each live AW: attention, routing, per-EW buffers. Returns {aw: (buffers, locals, kv)}.
+  def attend(self, layer: int, live: list[int]) -> dict[int, tuple]:
+    """Each live AW: attention, routing, per-EW buffers. Returns {aw: (buffers, locals)}.
 
     An AW that is dead or silent past the detection window is handed to the recovery and
     left out (the EWs stop waiting for it at this layer).
@@ -294,8 +302,6 @@ class Engine:
         self.recovery.aw_failed(a, layer)
         continue
       packed[a] = out
-      if seq is not None:
-        self._to_store("segment", a, seq, layer, *out[2])
     return packed
 
   def _call(self, worker, fn):
@@ -351,15 +357,14 @@ class Engine:
     for a, results in outbox.items():
       self.aws[a].combine(layer, results)
 
-  def run_layer(self, layer: int, live: list[int], capacity: int, seq: int | None = None
-                ) -> list[int]:
+  def run_layer(self, layer: int, live: list[int], capacity: int) -> list[int]:
     """One layer across all workers, dispatched asynchronously; returns the AWs still live.
 
     If an EW fails, the AWs that had sent it tokens replay this layer's exchange under the new
     routing table (its experts now served by shadows); the replay is dispatched at once, ahead
     of any later work. Other AWs keep the results they already have.
     """
-    pending = {a: out[:2] for a, out in self.attend(layer, live, seq).items()}
+    pending = self.attend(layer, live)
     live = list(pending)
     num_ew, S = len(self.ews), self.placement.slots_per_layer
     outbox: dict[int, list] = {}
@@ -383,7 +388,7 @@ class Engine:
             self.recovery.aw_failed(a, layer)
             live.remove(a)
           else:
-            pending[a] = out[:2]
+            pending[a] = out
     self.combine(layer, {a: outbox[a] for a in live})
     return live
 
@@ -433,12 +438,34 @@ class Engine:
         b *= 2
       seq_lens.add(self.cfg.max_seq_len)
     self.seq_lens |= set(seq_lens)
-    B, X = self.engine_cfg.slots_per_aw, self.cfg.top_k
-    for a, aw in enumerate(self.aws):
-      aw.warm_up(sorted(self.seq_lens), len(self.ews), self.placement.slots_per_layer,
-                 self.active_tables[a])
-    for ew in self.ews:
-      ew.warm_up([B * T * X for T in sorted(self.seq_lens)], len(self.aws))
+    for w in self.aws + self.ews:
+      self.warm_worker(w)
+    # Hot spares: compile on the spare devices too, so a replacement built there after a
+    # failure only loads weights (a background compile would compete with serving).
+    zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_params(self.cfg))
+    for kind, size in (("aw", self.plan.devices_per_aw), ("ew", self.plan.devices_per_ew)):
+      for i in range(0, len(self.spares) - size + 1, size):
+        standby = self.make_worker(kind, 0, Cell(f"spare{i}", tuple(self.spares[i:i + size])),
+                                   zeros)
+        self.warm_worker(standby)
+        standby.kill()
+
+  def make_worker(self, kind: str, index: int, cell: Cell, params: ModelParams):
+    """A new AW or EW (`kind`) in position `index`, with its weights on `cell`."""
+    if kind == "aw":
+      return AttentionWorker(index, cell, self.cfg, params, self.engine_cfg.slots_per_aw,
+                             self.transfers)
+    return ExpertWorker(index, cell, self.cfg, params, self.placement, self.transfers)
+
+  def warm_worker(self, w):
+    """Compiles a worker's executables for every step length seen so far (`seq_lens`)."""
+    seq_lens = sorted(list(self.seq_lens))
+    if isinstance(w, AttentionWorker):
+      w.warm_up(seq_lens, len(self.ews), self.placement.slots_per_layer,
+                w.put(self.base_table.active))
+    else:
+      B, X = self.engine_cfg.slots_per_aw, self.cfg.top_k
+      w.warm_up([B * T * X for T in seq_lens], len(self.aws))
 
   def close(self):
     """Waits for background recovery work and stops the snapshot store's thread."""

@@ -48,7 +48,13 @@ class AttentionWorker(FaultDomain):
     aw_params = datapath.attention_params(params)
     axes = datapath.attention_params(logical_axes(cfg))
     shardings = cell.shardings_for(AW_RULES, axes, datapath.attention_params(abstract_params(cfg)))
-    self.params = jax.device_put(aw_params, shardings, may_alias=False)  # ours to delete
+    # The worker deletes its arrays when it is killed, so they must not share a buffer with the
+    # caller's params: jax 0.10.2 aliases the source buffer into a multi-device replicated
+    # device_put even with may_alias=False, hence a copy in place first (no compile).
+    owned = jax.tree.map(
+        lambda a: jax.device_put(a, a.sharding, may_alias=False) if isinstance(a, jax.Array)
+        else a, aw_params)
+    self.params = jax.device_put(owned, shardings, may_alias=False)
     cache = KVCache.create(cfg, num_slots, sharding=cell.replicated())
     kv = cell.sharding(AW_RULES, ("layers", "slots", "seq", "kv_heads", "head_dim"), cache.k.shape)
     self.cache = jax.device_put(cache, KVCache(kv, kv, cell.replicated()))
@@ -61,30 +67,33 @@ class AttentionWorker(FaultDomain):
     return jax.device_put(array, self.cell.replicated())
 
   def begin(self, tokens: np.ndarray, n_new: np.ndarray, fresh: np.ndarray):
-    """Starts a step over rows = all slots: tokens i32[B, T], n_new i32[B], fresh bool[B]."""
+    """Starts a step over rows = all slots: tokens i32[B, T], n_new i32[B], fresh bool[B].
+
+    Returns True, or None if the worker is hung.
+    """
     if not self._serving():
-      return
+      return None
     tokens, self.n_new, fresh_dev = self.put(
         (tokens.astype(np.int32), n_new.astype(np.int32), fresh))
     if fresh.any():
       self.cache = _reset_lengths(self.cache, fresh_dev)
     self.x = datapath.aw_embed(self.params, tokens)
+    return True
 
   def attend(self, layer, active, num_ew: int, slots_per_layer: int):
     """Attention + routing for one layer.
 
     Returns:
-      (per-EW token buffers, per-EW local slots, KV segment (k, v) [B, T, K, H]), or None if
-      the worker is hung.
+      (per-EW token buffers, per-EW local slots), or None if the worker is hung.
     """
     if not self._serving():
       return None
     self.x_in = self.x
-    (self.x, self.cache, bufs, locals_, self.dest, self.weights, self.h,
-     segment) = datapath.aw_attend_and_pack(
+    (self.x, self.cache, bufs, locals_, self.dest, self.weights,
+     self.h) = datapath.aw_attend_and_pack(
          self.params, self.cfg, self.x, self.cache, layer, self.slots, self.n_new, active,
          num_ew=num_ew, slots_per_layer=slots_per_layer)
-    return bufs, locals_, segment
+    return bufs, locals_
 
   def replay(self, layer, active, num_ew: int, slots_per_layer: int):
     """Repeats this layer's attention and packing from its input under a new routing table.
@@ -111,13 +120,17 @@ class AttentionWorker(FaultDomain):
                                  self.dest, self.weights)
 
   def sample(self, key_data, step, temperature, top_p):
-    """Samples each row's next token (a device array, not yet fetched); None if hung."""
+    """Samples each row's next token; None if hung.
+
+    Returns:
+      (i32[B] tokens, the step's KV (k, v) [L, B, T, K, H]), device arrays not yet fetched.
+    """
     if not self._serving():
       return None
-    tokens, self.cache = datapath.aw_finish(
+    tokens, self.cache, segment = datapath.aw_finish(
         self.params, self.cfg, self.x, self.cache, self.slots, self.n_new,
         *self.put((key_data, step, temperature, top_p)))
-    return tokens
+    return tokens, segment
 
   def restore(self, slot: int, k: np.ndarray, v: np.ndarray) -> int:
     """Writes a request's KV (host [L, n, K, H]) into `slot`; returns the bytes moved."""
@@ -140,8 +153,8 @@ class AttentionWorker(FaultDomain):
     """Compiles this cell's executables for each step length T in `seq_lens`, touching no slot."""
     B = self.num_slots
     for T in seq_lens:
-      self.begin(np.zeros((B, T), np.int32), np.zeros((B,), np.int32), np.zeros((B,), bool))
-      bufs, _, _ = self.attend(0, active, num_ew, slots_per_layer)
+      self.begin(np.zeros((B, T), np.int32), np.zeros((B,), np.int32), np.ones((B,), bool))
+      bufs, _ = self.attend(0, active, num_ew, slots_per_layer)
       self.combine(0, [self.zeros(b.shape[0]) for b in bufs])
       zeros = np.zeros((B,), np.int32)
       self.sample(np.zeros((B, 2), np.uint32), zeros, zeros.astype(np.float32),

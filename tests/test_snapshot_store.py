@@ -1,0 +1,248 @@
+"""SnapshotStore (commit records, restore points, durable tier), TokenStream and fit_plan."""
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import tensorstore as ts
+
+import tarragon_jax as tj
+from tarragon_jax.mesh.cells import CellPlan
+from tarragon_jax.resilience import kv_archive
+from tarragon_jax.resilience.fault_domain import WorkerDead
+from tarragon_jax.resilience.global_restart import fit_plan
+from tarragon_jax.resilience.snapshot_store import SnapshotStore
+from tarragon_jax.serving.streams import StreamGap, TokenStream
+
+CFG = tj.ModelConfig(family="mixtral", vocab_size=128, hidden_size=32, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=8, num_experts=8, top_k=2, expert_hidden=64,
+                     max_seq_len=64)
+L, K, H = CFG.num_layers, CFG.num_kv_heads, CFG.head_dim
+
+
+@pytest.fixture
+def store(tmp_path):
+  s = SnapshotStore(CFG, str(tmp_path), flush_interval_s=0.02)
+  yield s
+  s.stop()
+
+
+def wait_for(cond, timeout=5.0, what="condition"):
+  deadline = time.perf_counter() + timeout
+  while not cond():
+    if time.perf_counter() > deadline:
+      pytest.fail(f"timed out waiting for {what}")
+    time.sleep(0.002)
+
+
+def drain(s):
+  mark = s.mark()
+  wait_for(lambda: s.caught_up(mark), what="the store to catch up")
+
+
+def kv(rng, B, T):
+  """Per-layer k, v [L, B, T, K, H] with distinct values."""
+  return (rng.standard_normal((L, B, T, K, H)).astype(np.float32),
+          rng.standard_normal((L, B, T, K, H)).astype(np.float32))
+
+
+def step(s, aw, seq, rows, k, v):
+  s.log_step(aw, seq, rows, k, v)
+
+
+class _Lost:
+  """KV of an AW that died before its copy to the store completed."""
+
+  def __array__(self, *_, **__):
+    raise RuntimeError("Array has been deleted")
+
+
+def test_a_step_commits_as_a_whole_or_not_at_all(store):
+  rng = np.random.default_rng(0)
+  k0, v0 = kv(rng, 1, 4)
+  step(store, 0, 0, [(1, 0, 0, 4)], k0, v0)
+  drain(store)
+  assert store.committed(1) == 4
+  step(store, 0, 1, [(1, 0, 4, 1)], _Lost(), _Lost())  # its AW died mid-copy
+  drain(store)
+  assert store.committed(1) == 4  # no commit record: position 4 is the uncommitted tail
+  assert store.restore_point(1)[0].shape == (L, 4, K, H)
+  k1, v1 = kv(rng, 1, 1)
+  step(store, 1, 2, [(1, 0, 4, 1)], k1, v1)  # recomputed on another AW, from the commit
+  drain(store)
+  assert store.committed(1) == 5
+  k, v = store.restore_point(1)
+  np.testing.assert_array_equal(k[:, :4], k0[:, 0])
+  np.testing.assert_array_equal(k[:, 4], k1[:, 0, 0])
+  np.testing.assert_array_equal(v[:, 4], v1[:, 0, 0])
+  assert [seq for seq, _ in store.log[0]] == [0] and [seq for seq, _ in store.log[1]] == [2]
+
+
+def test_restore_point_is_exactly_the_kv_written_per_slot(store):
+  rng = np.random.default_rng(1)
+  # Prefill: request 1 in slot 1 (5 tokens), request 2 in slot 0 (3 of the 5 rows).
+  k, v = kv(rng, 3, 5)
+  step(store, 0, 0, [(1, 1, 0, 5), (2, 0, 0, 3)], k, v)
+  want = {1: [k[:, 1, :5], v[:, 1, :5]], 2: [k[:, 0, :3], v[:, 0, :3]]}
+  for seq in range(1, 4):  # three decode steps, one token each, appended contiguously
+    k, v = kv(rng, 3, 1)
+    step(store, 0, seq, [(1, 1, 4 + seq, 1), (2, 0, 2 + seq, 1)], k, v)
+    for rid, slot in ((1, 1), (2, 0)):
+      want[rid] = [np.concatenate([want[rid][0], k[:, slot]], 1),
+                   np.concatenate([want[rid][1], v[:, slot]], 1)]
+  drain(store)
+  assert (store.committed(1), store.committed(2)) == (8, 6)
+  for rid in (1, 2):
+    got_k, got_v = store.restore_point(rid)
+    np.testing.assert_array_equal(got_k, want[rid][0])
+    np.testing.assert_array_equal(got_v, want[rid][1])
+  assert store.restore_point(3) is None
+
+
+def test_gap_is_not_logged_until_a_base_arrives(store):
+  rng = np.random.default_rng(2)
+  k, v = kv(rng, 1, 4)
+  step(store, 0, 0, [(1, 0, 0, 4)], k, v)
+  drain(store)
+  k_before = store.restore_point(1)[0]
+  # Request 1 skips position 4 (starts at 6); request 9 was never seen and starts at 3.
+  kg, vg = kv(rng, 2, 1)
+  step(store, 0, 1, [(1, 0, 6, 1), (9, 1, 3, 1)], kg, vg)
+  drain(store)
+  assert store.committed(1) == 4 and store.committed(9) == 0
+  np.testing.assert_array_equal(store.restore_point(1)[0], k_before)
+  assert store.restore_point(9) is None
+  # A whole-cache base gives request 9 a restore point; later steps append to it.
+  kb, vb = kv(rng, 2, 8)
+  store.base([(9, 1, 3)], kb, vb)
+  kd, vd = kv(rng, 1, 1)
+  step(store, 0, 2, [(9, 0, 3, 1)], kd, vd)
+  drain(store)
+  assert store.committed(9) == 4
+  got_k, got_v = store.restore_point(9)
+  np.testing.assert_array_equal(got_k, np.concatenate([kb[:, 1, :3], kd[:, 0]], 1))
+  np.testing.assert_array_equal(got_v, np.concatenate([vb[:, 1, :3], vd[:, 0]], 1))
+
+
+def test_base_sets_and_forget_frees_a_restore_point(store):
+  rng = np.random.default_rng(3)
+  k, v = kv(rng, 2, 8)
+  store.base([(5, 1, 6)], k, v)
+  drain(store)
+  assert store.committed(5) == 6
+  got_k, got_v = store.restore_point(5)
+  np.testing.assert_array_equal(got_k, k[:, 1, :6])
+  np.testing.assert_array_equal(got_v, v[:, 1, :6])
+  store.forget(5)
+  drain(store)
+  assert store.committed(5) == 0 and store.restore_point(5) is None
+
+
+def test_killed_store_refuses_calls(store):
+  rng = np.random.default_rng(4)
+  k, v = kv(rng, 1, 2)
+  step(store, 0, 0, [(1, 0, 0, 2)], k, v)
+  drain(store)
+  store.kill()
+  assert not store.probe()
+  with pytest.raises(WorkerDead):
+    store.log_step(0, 1, [(1, 0, 2, 1)], k, v)
+  with pytest.raises(WorkerDead):
+    store.restore_point(1)
+  assert store.committed(1) == 0  # its host copies are gone
+
+
+def test_hung_store_stops_draining(store):
+  rng = np.random.default_rng(5)
+  k, v = kv(rng, 1, 2)
+  step(store, 0, 0, [(1, 0, 0, 2)], k, v)
+  drain(store)
+  assert store.lag_s() == 0.0 and store.probe()
+  store.hang()
+  k1, v1 = kv(rng, 1, 1)
+  step(store, 0, 1, [(1, 0, 2, 1)], k1, v1)  # still accepted: a hung worker is silent
+  mark = store.mark()
+  first = store.lag_s()
+  wait_for(lambda: store.lag_s() > first + 0.05, what="lag to grow")
+  assert not store.caught_up(mark)
+  assert not store.probe()
+  assert store.restore_point(1) is None  # silent, not an error
+  assert store.committed(1) == 2
+
+
+def wait_durable(store, rid, n):
+  wait_for(lambda: store.archive.durable.get(rid) == n, what=f"request {rid} to be durable")
+
+
+def test_durable_tier_holds_whole_committed_chunks(store, tmp_path):
+  rng = np.random.default_rng(6)
+  k, v = kv(rng, 2, 20)
+  step(store, 0, 0, [(1, 0, 0, 20), (2, 1, 0, 10)], k, v)
+  drain(store)
+  wait_durable(store, 1, 16)  # whole chunks of 16 positions only
+  assert 2 not in store.archive.durable
+  for seq in range(1, 14):  # more commits after the first flush: written at an offset
+    kd, vd = kv(rng, 2, 1)
+    step(store, 0, seq, [(1, 0, 19 + seq, 1), (2, 1, 9 + seq, 1)], kd, vd)
+  drain(store)
+  assert store.committed(1) == 33 and store.committed(2) == 23
+  wait_durable(store, 1, 32)
+  wait_durable(store, 2, 16)
+  commits = json.loads((tmp_path / "commits.json").read_text())
+  assert {r: c["n"] for r, c in commits.items()} == {"1": 32, "2": 16}
+  for rid, n in ((1, 32), (2, 16)):
+    want_k, want_v = store.restore_point(rid)
+    got_k, got_v = kv_archive.read_archive(str(tmp_path), rid)
+    np.testing.assert_array_equal(got_k, want_k[:, :n])
+    np.testing.assert_array_equal(got_v, want_v[:, :n])
+  # The standard zarr3 reader sees the documented layout: kv[slot] = (k, v) [2, L, T, K, H].
+  arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
+                                                "path": os.path.join(tmp_path, "kv")}}).result()
+  assert list(arr.shape[1:]) == [2, L, CFG.max_seq_len, K, H]
+  got = arr[commits["1"]["slot"], :, :, :32].read().result()
+  np.testing.assert_array_equal(got[0], store.restore_point(1)[0][:, :32])
+  # forget frees both copies: the request leaves the commit file.
+  store.forget(1)
+  drain(store)
+  assert store.restore_point(1) is None
+  assert "1" not in json.loads((tmp_path / "commits.json").read_text())
+  with pytest.raises(KeyError, match="request 1"):
+    kv_archive.read_archive(str(tmp_path), 1)
+
+
+def test_token_stream_exactly_once():
+  s = TokenStream(7)
+  assert [s.offer(i, t, float(i)) for i, t in enumerate([10, 11, 12])] == [True] * 3
+  assert s.offer(1, 11, 9.0) is False  # recomputed after a failover: dropped
+  assert s.duplicates == 1 and s.mismatches == []
+  assert s.offer(2, 99, 9.0) is False  # a recomputation that disagrees is recorded
+  assert s.duplicates == 2 and s.mismatches == [(2, 12, 99)]
+  assert s.tokens == [10, 11, 12] and s.times == [0.0, 1.0, 2.0] and len(s) == 3
+  with pytest.raises(StreamGap, match="index 5"):
+    s.offer(5, 13, 9.0)
+  assert s.offer(3, 13, 3.0) and s.tokens == [10, 11, 12, 13]
+
+
+def test_fit_plan_unchanged_when_it_fits():
+  plan = CellPlan(num_aw=2, num_ew=3)
+  assert fit_plan(plan, 5, ["aw"]) == plan
+  assert fit_plan(plan, 8, []) == plan
+
+
+@pytest.mark.parametrize("failed,want", [(["aw"], (3, 4)), (["ew"], (4, 3)), ([], (4, 3))])
+def test_fit_plan_shrinks_the_failed_kind_first(failed, want):
+  got = fit_plan(CellPlan(num_aw=4, num_ew=4), 7, failed)
+  assert (got.num_aw, got.num_ew) == want
+
+
+def test_fit_plan_falls_back_to_the_other_kind():
+  got = fit_plan(CellPlan(num_aw=4, num_ew=4, devices_per_aw=2), 5, ["aw"])
+  assert (got.num_aw, got.num_ew, got.devices_needed) == (1, 3, 5)
+
+
+def test_fit_plan_raises_when_one_aw_and_one_ew_do_not_fit():
+  plan = CellPlan(num_aw=3, num_ew=3, devices_per_aw=2, devices_per_ew=2)
+  with pytest.raises(RuntimeError, match="3 surviving devices cannot hold one AW and one EW"):
+    fit_plan(plan, 3, ["ew"])
