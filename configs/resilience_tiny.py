@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.shadows_per_expert = 1
   c.probe_interval_s = 0.01  # detection: probe a silent peer every 10 ms, as in the paper
   c.flush_interval_s = 0.2  # the snapshot store's durable tier
+  c.warm_all_buckets = True  # compile every step length up front (False: decode + 16 only)
   # Failure runs: Poisson "Random" workload in real time, one fault at `fault_at_s`.
   c.workload = ml_collections.ConfigDict()
   c.workload.num_requests = 48
@@ -38,5 +39,5 @@ def get_config() -> ml_collections.ConfigDict:
   # Fault-free throughput: `throughput_requests` arrive at once; `reps` interleaved repetitions
   # of (snapshots on, snapshots off, baseline), medians reported.
   c.throughput_requests = 24
-  c.reps = 5
+  c.reps = 7
   return c

@@ -5,8 +5,10 @@ writes summary.json and tokens.jsonl under `workdir`:
 
   PYTHONPATH=. python -m experiments.serve --config=configs/serve_tiny.py
 
-Override any field, e.g. `--config.workload.kind=sharegpt --config.workload.rate=4`, or serve a
-trained model with `--checkpoint=runs/train_tiny/checkpoint` (its config replaces `model`).
+Override any field, e.g. `--config.workload.kind=sharegpt --config.workload.rate=4`, inject
+failures with `--config.faults="kill:ew1@t=5; kill:aw2@t=9"` (greedy tokens must still equal
+the reference), or serve a trained model with `--checkpoint=runs/train_tiny/checkpoint` (its
+config replaces `model`).
 """
 
 import ml_collections
@@ -38,6 +40,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.workload.output_len = 128
   c.workload.length_scale = 0.25  # sharegpt: 161 * 0.25 ~ 40 prompt, 338 * 0.25 ~ 85 output
   c.workload.length_sigma = 1.0  # sharegpt: log-normal sigma
+  # Resilience: `faults` is a schedule armed after warm-up (steps and times count from then),
+  # e.g. "kill:ew1@t=5; hang:aw0@t=8" (see tarragon_jax/resilience/faults.py).
+  c.faults = ""
+  c.recovery = "tarragon"  # or "global_restart"
+  c.snapshots = True
+  c.probe_interval_s = 0.01
   c.check_reference = True  # compare every greedy output with reference_greedy (one device)
   c.timeout_s = 600.0  # the real-time run fails after this long
   return c

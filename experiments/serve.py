@@ -6,7 +6,8 @@ Builds the model (random init from the config's seed, or `--checkpoint=DIR` for 
 checkpoint written by `tarragon_jax.save_checkpoint`), the Engine, warms it up (compiles
 outside the measured window), replays the workload in real time and writes to the workdir:
 summary.json (throughput, TTFT/TBT p50/p95, recompiles after warm-up, greedy parity with the
-single-device reference), tokens.jsonl (request_id = workload index, index, token, time in s
+single-device reference, failures and stalls when `faults` is set), timeline.jsonl (failure
+and recovery events), tokens.jsonl (request_id = workload index, index, token, time in s
 from the start of the run) and throughput.png (output tokens/s over the run).
 """
 
@@ -26,9 +27,11 @@ from ml_collections import config_flags  # noqa: E402
 import tarragon_jax as tj  # noqa: E402
 from tarragon_jax import launch_config  # noqa: E402
 from tarragon_jax.mesh.cells import CellPlan  # noqa: E402
+from tarragon_jax.resilience.detector import DetectionConfig  # noqa: E402
+from tarragon_jax.resilience.faults import parse_faults  # noqa: E402
 from tarragon_jax.serving import workload as wl  # noqa: E402
-from tarragon_jax.serving.engine import Engine, EngineConfig  # noqa: E402
-from tarragon_jax.serving.metrics import compile_count  # noqa: E402
+from tarragon_jax.serving.engine import Engine, EngineConfig, ResilienceConfig  # noqa: E402
+from tarragon_jax.serving.metrics import compile_count, stall_summary  # noqa: E402
 from tarragon_jax.serving.reference import reference_greedy  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/serve_tiny.py", "Serving config.")
@@ -55,9 +58,13 @@ def main(argv):
     cfg = launch_config.model_config(cd)
     params = tj.init_params(cfg, jax.random.key(cd.seed))
   plan = CellPlan(cd.num_aw, cd.num_ew, cd.devices_per_aw, cd.devices_per_ew)
+  resilience = ResilienceConfig(recovery=cd.recovery, snapshots=cd.snapshots,
+                                detection=DetectionConfig(probe_interval_s=cd.probe_interval_s))
   engine = Engine(cfg, params, EngineConfig(plan=plan, slots_per_aw=cd.slots_per_aw,
                                             shadows_per_expert=cd.shadows_per_expert,
-                                            min_prefill_bucket=cd.min_prefill_bucket))
+                                            min_prefill_bucket=cd.min_prefill_bucket,
+                                            resilience=resilience))
+  faults = parse_faults(cd.faults)  # a bad schedule fails here, before any work
 
   w = cd.workload
   lengths = (dict(prompt_len=w.prompt_len, output_len=w.output_len) if w.kind == "random" else
@@ -72,10 +79,17 @@ def main(argv):
   logging.info("warm-up: %d requests, %d compilations, %.1f s", warm_requests, warmup_compiles,
                warmup_s)
 
+  engine.arm_faults(faults)
   compiles, moved = compile_count(), engine.transfers.bytes
   result = wl.replay(engine, work, timeout_s=cd.timeout_s)
   recompiles = compile_count() - compiles
+  engine.close()
   summary = result.summary(engine)
+  resilience_summary = engine.summary()
+  summary.update({k: v for k, v in resilience_summary.items() if k not in summary})
+  summary["stalls"] = [dict(worker=f["worker"], kind=f["kind"], **stall_summary(
+      result.events(engine), f["t"])) for f in engine.timeline.of("fault")]
+  engine.timeline.write_jsonl(os.path.join(workdir, "timeline.jsonl"), result.start)
   outputs = [engine.tokens(r) for r in result.ids]
 
   match, mismatched = None, None
@@ -112,6 +126,9 @@ def main(argv):
         f"TTFT p50 {summary['ttft_p50_s'] * 1e3:.1f} ms p95 {summary['ttft_p95_s'] * 1e3:.1f} ms; "
         f"TBT p50 {summary['tbt_p50_s'] * 1e3:.1f} ms p95 {summary['tbt_p95_s'] * 1e3:.1f} ms; "
         f"recompiles after warm-up {recompiles}; greedy == reference: {match}; -> {workdir}")
+  for st in summary["stalls"]:
+    print(f"{st['kind']} {st['worker']}: service stall {st['service_stall_s'] * 1e3:.1f} ms, "
+          f"max request stall {st['max_request_stall_s'] * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

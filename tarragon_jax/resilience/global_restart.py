@@ -94,13 +94,16 @@ class GlobalRestart(Recovery):
     del params
     jax.block_until_ready([w.cache for w in e.aws] + [w.weights for w in e.ews])
     phase("rebuild_s")
-    for w in e.aws + e.ews:  # 5. compile what serving had compiled before
-      e.warm_worker(w)
-    phase("compile_s")
-    recomputed = 0  # 6. every in-flight request starts again from its prompt
+    recomputed = 0  # 5. every in-flight request starts again from its prompt
     for s in in_flight:
       recomputed += s.cached
       s.tokens, s.cached, s.restore, s.phase, s.aw, s.slot = [], 0, False, Phase.WAITING, -1, -1
+    # 6. compile what resuming needs now: decode and the prefill buckets of those prompts
+    # (other shapes compile when first used, as in any JAX deployment).
+    seq_lens = {1} | {e.bucket(len(s.request.prompt)) for s in in_flight}
+    for w in e.aws + e.ews:
+      e.warm_worker(w, seq_lens)
+    phase("compile_s")
     ids = [s.id for s in in_flight]
     e.waiting = ids + [r for r in e.waiting if r not in ids]
     if e.engine_cfg.resilience.snapshots:

@@ -23,8 +23,10 @@ import threading
 import time
 
 import jax
+import numpy as np
 
 from tarragon_jax.checkpoint import load_checkpoint
+from tarragon_jax.layers.params import ExpertParams
 from tarragon_jax.mesh.cells import Cell
 from tarragon_jax.resilience.fault_domain import FaultDomain, Health
 from tarragon_jax.resilience.faults import Fault
@@ -45,6 +47,8 @@ class Recovery:
     self._store_probe: float | None = None
     self._store_gen = 0
     self._base_pending = False
+    self._last_probe = 0.0
+    self._unanswered: dict[str, float] = {}  # worker -> when its first probe went unanswered
     self.restores: list[dict] = []
 
   @property
@@ -158,6 +162,30 @@ class Recovery:
   def poll(self):
     self.watch_store()
 
+  def probe_idle(self):
+    """Probes every member once per probe interval, so that a worker that dies while it has
+    no data to send is found too; one unanswered for an interval is declared failed."""
+    e, now = self.e, time.perf_counter()
+    interval = e.engine_cfg.resilience.detection.probe_interval_s
+    if now - self._last_probe < interval:
+      return
+    self._last_probe = now
+    for kind, workers in (("aw", e.aws), ("ew", e.ews)):
+      for i, w in enumerate(workers):
+        if (e.slot_owner[i] is None) if kind == "aw" else (i in e.failed_ews):
+          continue
+        if w.probe():
+          self._unanswered.pop(w.name, None)
+          continue
+        first = self._unanswered.setdefault(w.name, now)
+        if now - first >= interval:
+          del self._unanswered[w.name]
+          e.detector.declare(w, first, "idle probe unanswered")
+          if kind == "aw":
+            self.aw_failed(i, 0)
+          else:
+            self.ews_failed([i], 0)
+
   def wait_for_replacements(self, timeout_s: float = 600.0):
     """Blocks until replacements being built have joined (none in this policy)."""
     self.poll()
@@ -193,6 +221,7 @@ class _Build:
   worker: FaultDomain | None = None
   error: str | None = None
   done: float | None = None
+  source: str = ""  # where the weights came from: "peer" or "orbax"
   thread: threading.Thread | None = None
 
 
@@ -219,6 +248,9 @@ class Tarragon(Recovery):
 
   def ews_failed(self, ews: list[int], layer: int):
     e = self.e
+    ews = [m for m in ews if m not in e.failed_ews]
+    if not ews:
+      return
     for m in ews:
       self.fence(e.ews[m])
       e.failed_ews.add(m)
@@ -239,6 +271,8 @@ class Tarragon(Recovery):
 
   def aw_failed(self, a: int, layer: int):
     e = self.e
+    if e.slot_owner[a] is None:
+      return
     self.fence(e.aws[a])
     rids = [r for r in (e.slot_owner[a] or []) if r >= 0]
     e.slot_owner[a] = None
@@ -321,14 +355,51 @@ class Tarragon(Recovery):
     build.thread = threading.Thread(target=self._build, args=(build,), daemon=True)
     build.thread.start()
 
+  def _peer_weights(self, kind: str, index: int):
+    """The replacement's weights copied from live peers, or None if no peer holds them all.
+
+    An AW's weights are every AW's; an EW's slots are gathered, slot by slot, from an EW that
+    holds a replica of the same expert (a shadow or a primary).
+    """
+    e = self.e
+    alive = [i for i, owners in enumerate(e.slot_owner) if owners is not None and i != index]
+    if kind == "aw":
+      return e.aws[alive[0]].params if alive else None
+    p, S = e.placement, e.placement.slots_per_layer
+    peers: dict[int, ExpertParams] = {}
+    parts = {name: np.zeros((p.num_layers, S) + getattr(e.ews[0].weights, name).shape[2:],
+                            e.cfg.dtype) for name in ("w_gate", "w_up", "w_down")}
+    for l in range(p.num_layers):
+      for s in range(S):
+        expert = p.contents[l, index, s]
+        if expert < 0:
+          continue
+        sources = [int(q) for q in e.base_table.replicas[l, expert] if q >= 0
+                   and q // S != index and q // S not in e.failed_ews]
+        if not sources:
+          return None
+        m, local = divmod(sources[0], S)
+        if m not in peers:
+          peers[m] = jax.tree.map(np.asarray, e.ews[m].weights)  # device -> host, once
+        for name in parts:
+          parts[name][l, s] = getattr(peers[m], name)[l, local]
+    return ExpertParams(**parts)
+
   def _build(self, b: _Build):
-    """Runs off the serving thread: weights from orbax, worker on its cell, compile."""
+    """Runs off the serving thread: weights from peers (else orbax), worker on its cell."""
     e = self.e
     try:
-      sharding = jax.sharding.SingleDeviceSharding(b.cell.devices[0])
-      _, params = load_checkpoint(e.weights_dir, shardings=sharding)
+      try:
+        params, b.source = self._peer_weights(b.kind, b.index), "peer"
+      except Exception:  # noqa: BLE001 - a peer failed while being copied: use orbax
+        params = None
+      if params is None:
+        sharding = jax.sharding.SingleDeviceSharding(b.cell.devices[0])
+        _, params = load_checkpoint(e.weights_dir, shardings=sharding)
+        b.source = "orbax"
       w = e.make_worker(b.kind, b.index, b.cell, params)
-      e.warm_worker(w)
+      if (b.kind, b.cell.devices) not in e.hot_cells:  # a hot spare has compiled already
+        e.warm_worker(w)
       b.worker = w
     except Exception as err:  # noqa: BLE001 - reported in the timeline, serving goes on
       b.error = repr(err)
@@ -353,7 +424,8 @@ class Tarragon(Recovery):
         e.aws[b.index] = b.worker
         e.slot_owner[b.index] = [-1] * e.engine_cfg.slots_per_aw
         e.active_tables[b.index] = b.worker.put(e.table.active)
-      e.timeline.add("replacement_joined", worker=name, build_s=b.done - b.started,
+      e.timeline.add("replacement_joined", worker=name, source=b.source,
+                     build_s=b.done - b.started,
                      waited_s=time.perf_counter() - b.done, epoch=e.table.epoch,
                      devices=[d.id for d in b.cell.devices])
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from tarragon_jax.checkpoint import save_checkpoint
 from tarragon_jax.config import ModelConfig
-from tarragon_jax.layers.params import ModelParams, abstract_params
+from tarragon_jax.layers.params import ExpertParams, ModelParams, abstract_params
 from tarragon_jax.layers.sampling import SamplingParams
 from tarragon_jax.mesh.cells import Cell, carve
 from tarragon_jax.mesh.transfer import Transfers
@@ -39,7 +39,7 @@ from tarragon_jax.serving.engine_config import EngineConfig, ResilienceConfig
 from tarragon_jax.serving.metrics import TokenEvent, latency_summary
 from tarragon_jax.serving.requests import Phase, Request, RequestState
 from tarragon_jax.serving.streams import TokenStream
-from tarragon_jax.serving.workers import AttentionWorker, ExpertWorker
+from tarragon_jax.serving.workers import AttentionWorker, ExpertWorker, ew_weights
 
 __all__ = ["Engine", "EngineConfig", "ResilienceConfig", "WorkerTimeout"]
 
@@ -77,6 +77,7 @@ class Engine:
     self.on_token = on_token
     self.iteration = 0
     self.seq_lens: set[int] = {1}  # step lengths T seen so far (replacements compile them)
+    self.hot_cells: set[tuple] = set()  # (kind, devices) compiled for by `warm_up`
     self._next_id = 0
     self.build(params, self.devices)
     self.store = None
@@ -197,7 +198,8 @@ class Engine:
       state.phase = Phase.PREFILL if not state.tokens else Phase.DECODE
     self.waiting = still
 
-  def _bucket(self, n: int) -> int:
+  def bucket(self, n: int) -> int:
+    """The padded step length of a prompt of n tokens."""
     b = self.engine_cfg.min_prefill_bucket
     while b < n:
       b *= 2
@@ -208,7 +210,7 @@ class Engine:
     placed = [self.requests[r] for owners in self.slot_owner if owners for r in owners if r >= 0]
     extend = [s for s in placed if len(s.feed) > 1 or s.cached == 0]
     rows_of = extend if extend else placed
-    T = self._bucket(max(len(s.feed) for s in extend)) if extend else 1
+    T = self.bucket(max(len(s.feed) for s in extend)) if extend else 1
     B = self.engine_cfg.slots_per_aw
     batches = []
     for a in range(len(self.aws)):
@@ -238,36 +240,40 @@ class Engine:
 
   def step(self) -> bool:
     """Runs one iteration across all workers; False if there was no work."""
+    try:
+      return self._step()
+    except self.recovery.Restart:  # the baseline: everything was torn down and rebuilt
+      self.iteration += 1
+      self.recovery.restart()
+      return True
+
+  def _step(self) -> bool:
     self.recovery.step_boundary()
     self._admit(time.perf_counter())
     batches, T = self._batches()
     live = [a for a, b in enumerate(batches) if b is not None]
     if not live:
       self._fire_faults(0)
+      self.recovery.probe_idle()
       return False
     seq = self.iteration
     self.seq_lens.add(T)
-    try:
-      for a in list(live):
-        if self._call(self.aws[a], lambda w, a=a: w.begin(*batches[a][:3])) is None:
-          self.recovery.aw_failed(a, 0)
-          live.remove(a)
-          continue
-      capacity = self.engine_cfg.slots_per_aw * T * self.cfg.top_k
-      for layer in range(self.cfg.num_layers):
-        self._fire_faults(layer)
-        self.recovery.poll()
-        live = self.run_layer(layer, live, capacity)
-      sampled = {}
-      for a in live:
-        sampled[a], (k, v) = self.aws[a].sample(*self._sampling_arrays(batches[a][3]))
-        self._to_store("log_step", a, seq, [(s.id, s.slot, s.cached, len(s.feed))
-                                            for s in batches[a][3]], k, v)
-      self.detector.wait({self.aws[a].name: (self.aws[a], sampled[a].is_ready) for a in live})
-    except self.recovery.Restart:
-      self.iteration += 1
-      self.recovery.restart()
-      return True
+    for a in list(live):
+      if self._call(self.aws[a], lambda w, a=a: w.begin(*batches[a][:3])) is None:
+        self.recovery.aw_failed(a, 0)
+        live.remove(a)
+    capacity = self.engine_cfg.slots_per_aw * T * self.cfg.top_k
+    for layer in range(self.cfg.num_layers):
+      self._fire_faults(layer)
+      self.recovery.poll()
+      self.recovery.probe_idle()
+      live = self.run_layer(layer, live, capacity)
+    sampled = {}
+    for a in live:
+      sampled[a], (k, v) = self.aws[a].sample(*self._sampling_arrays(batches[a][3]))
+      self._to_store("log_step", a, seq, [(s.id, s.slot, s.cached, len(s.feed))
+                                          for s in batches[a][3]], k, v)
+    self.detector.wait({self.aws[a].name: (self.aws[a], sampled[a].is_ready) for a in live})
     self.iteration += 1
     for a in live:
       self._emit(batches[a][3], np.asarray(sampled[a]))
@@ -296,6 +302,8 @@ class Engine:
     num_ew, S = len(self.ews), self.placement.slots_per_layer
     packed = {}
     for a in live:
+      if self.slot_owner[a] is None:  # declared failed meanwhile (an idle probe)
+        continue
       out = self._call(self.aws[a], lambda w, a=a: w.attend(layer, self.active_tables[a],
                                                                num_ew, S))
       if out is None:
@@ -445,21 +453,28 @@ class Engine:
     zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_params(self.cfg))
     for kind, size in (("aw", self.plan.devices_per_aw), ("ew", self.plan.devices_per_ew)):
       for i in range(0, len(self.spares) - size + 1, size):
-        standby = self.make_worker(kind, 0, Cell(f"spare{i}", tuple(self.spares[i:i + size])),
-                                   zeros)
+        devices = tuple(self.spares[i:i + size])
+        standby = self.make_worker(kind, 0, Cell(f"spare{i}", devices), zeros)
         self.warm_worker(standby)
         standby.kill()
+        self.hot_cells.add((kind, devices))
 
-  def make_worker(self, kind: str, index: int, cell: Cell, params: ModelParams):
-    """A new AW or EW (`kind`) in position `index`, with its weights on `cell`."""
+  def make_worker(self, kind: str, index: int, cell: Cell, params: ModelParams | ExpertParams):
+    """A new AW or EW (`kind`) in position `index`, with its weights on `cell`.
+
+    `params` is the model's (an AW ignores the routed experts) or, for an EW, the host arrays
+    [L, S, ...] of exactly the experts it holds.
+    """
     if kind == "aw":
       return AttentionWorker(index, cell, self.cfg, params, self.engine_cfg.slots_per_aw,
                              self.transfers)
-    return ExpertWorker(index, cell, self.cfg, params, self.placement, self.transfers)
+    if isinstance(params, ModelParams):
+      params = ew_weights(params, self.placement, index)
+    return ExpertWorker(index, cell, self.cfg, params, self.placement.num_ew, self.transfers)
 
-  def warm_worker(self, w):
-    """Compiles a worker's executables for every step length seen so far (`seq_lens`)."""
-    seq_lens = sorted(list(self.seq_lens))
+  def warm_worker(self, w, seq_lens=None):
+    """Compiles a worker's executables for step lengths `seq_lens` (default: all seen)."""
+    seq_lens = sorted(list(self.seq_lens if seq_lens is None else seq_lens))
     if isinstance(w, AttentionWorker):
       w.warm_up(seq_lens, len(self.ews), self.placement.slots_per_layer,
                 w.put(self.base_table.active))

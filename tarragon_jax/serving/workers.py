@@ -189,12 +189,12 @@ def ew_weights(params: ModelParams, placement: Placement, ew: int) -> ExpertPara
 class ExpertWorker(FaultDomain):
   """Holds the expert slots of its placement and runs them for all AWs, one layer at a time."""
 
-  def __init__(self, index: int, cell: Cell, cfg: ModelConfig, params: ModelParams,
-               placement: Placement, transfers: Transfers):
+  def __init__(self, index: int, cell: Cell, cfg: ModelConfig, host: ExpertParams, num_ew: int,
+               transfers: Transfers):
+    """`host`: the experts this EW holds, host arrays [L, S, ...] (see `ew_weights`)."""
     self.index, self.cell, self.cfg, self.transfers = index, cell, cfg, transfers
     self.name = f"ew{index}"
-    self.num_ew = placement.num_ew
-    host = ew_weights(params, placement, index)
+    self.num_ew = num_ew
     axes = ExpertParams(("layers", "slots", "embed", "expert_hidden"),
                         ("layers", "slots", "embed", "expert_hidden"),
                         ("layers", "slots", "expert_hidden", "embed"))

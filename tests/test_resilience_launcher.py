@@ -1,0 +1,49 @@
+"""Launcher smoke tests: faults from the serve launcher's flag, and the resilience experiment."""
+
+import json
+
+from tarragon_jax import launch_config
+from test_serve_launcher import SMALL_CLUSTER, _run
+
+
+def test_serve_injects_faults_from_its_flag_and_keeps_greedy_parity(tmp_path):
+  out = _run("experiments.serve", "--config=configs/serve_tiny.py", f"--workdir={tmp_path}",
+             *SMALL_CLUSTER, "--config.workload.num_requests=6", "--config.workload.rate=40",
+             "--config.workload.output_len=12", "--config.faults=kill:ew1@step=3; "
+             "hang:aw0@step=6")
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["completed"] == 6 and summary["output_tokens"] == 72
+  assert summary["tokens_match_reference"] is True, out
+  assert summary["failures"] == 2
+  assert [(s["worker"], s["kind"]) for s in summary["stalls"]] == [("ew1", "kill"),
+                                                                    ("aw0", "hang")]
+  events = launch_config.read_jsonl(tmp_path / "timeline.jsonl")
+  declared = [e for e in events if e["event"] == "declared_failed"]
+  assert [e["worker"] for e in declared] == ["ew1", "aw0"]
+  assert declared[1]["how"] == "probe unanswered"  # a hang is found by the probe, not a close
+  assert "kill ew1: service stall" in out
+
+
+def test_resilience_experiment_compares_recovery_with_the_baseline(tmp_path):
+  out = _run("experiments.resilience", "--config=configs/resilience_tiny.py",
+             f"--workdir={tmp_path}", "--config.workload.num_requests=8",
+             "--config.workload.rate=40", "--config.workload.output_len=48",
+             "--config.fault_at_s=0.2", "--config.reps=1", "--config.throughput_requests=4",
+             "--config.warm_all_buckets=False")
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  runs = {r["run"]: r for r in summary["runs"]}
+  assert set(runs) == {"fault_free", "tarragon_aw", "tarragon_aw_no_snapshots",
+                       "global_restart_aw", "tarragon_ew", "global_restart_ew"}
+  for name, r in runs.items():
+    assert r["completed"] == r["requests"] == 8, name
+    if name != "fault_free":
+      assert r["tokens_match_fault_free"] is True, name
+  for kind in ("aw", "ew"):
+    assert runs[f"global_restart_{kind}"]["restart_phases"][0]["compile_s"] > 0
+  assert set(summary["throughput_median_tok_s"]) == {"snapshots_on", "snapshots_off",
+                                                      "global_restart"}
+  assert "baseline / Tarragon" in out or "no ratio" in out
+  records = launch_config.read_jsonl(tmp_path / "results.jsonl")
+  assert len([r for r in records if r["run"] == "throughput"]) == 3
+  assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert (tmp_path / "timeline_tarragon_ew.jsonl").exists()
