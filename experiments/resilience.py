@@ -152,9 +152,9 @@ def main(argv):
 def _report(records: list[dict], cd) -> dict:
   runs = {r["run"]: r for r in records if r["run"] != "throughput"}
   print(f"\n{'run':<26}{'service':>9}{'max req':>9}{'max req':>9}{'recomp.':>8}{'detect':>8}"
-        f"{'restore':>9}{'tok/s':>7}{'done':>7}  tokens ==")
-  print(f"{'':<26}{'stall':>9}{'stall':>9}{'gap':>9}{'tokens':>8}{'':>8}{'':>9}{'':>7}{'':>7}"
-        f"  fault-free")
+        f"{'restore':>9}{'com-':>6}{'tok/s':>7}{'done':>7}  tokens ==")
+  print(f"{'':<26}{'stall':>9}{'stall':>9}{'gap':>9}{'tokens':>8}{'':>8}{'':>9}{'piles':>6}"
+        f"{'':>7}{'':>7}  fault-free")
   for name, r in runs.items():
     if r["fault"] == "none":
       continue
@@ -162,6 +162,7 @@ def _report(records: list[dict], cd) -> dict:
     print(f"{name:<26}{r['service_stall_s'] * 1e3:>7.1f}ms{r['max_request_stall_s'] * 1e3:>7.1f}ms"
           f"{r['max_request_gap_s'] * 1e3:>7.1f}ms{r['recomputed_tokens']:>8}"
           f"{max(r['detection_s'], default=0) * 1e3:>6.1f}ms{restart * 1e3:>7.1f}ms"
+          f"{r['compiles_during_run']:>6}"
           f"{r['throughput_tok_s']:>7.0f}{r['completed']:>4}/{r['requests']:<3}"
           f"{r['tokens_match_fault_free']}")
   print("(restore: the slowest per-request restore; for the baseline, the whole restart)")

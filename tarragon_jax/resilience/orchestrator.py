@@ -28,7 +28,7 @@ import numpy as np
 from tarragon_jax.checkpoint import load_checkpoint
 from tarragon_jax.layers.params import ExpertParams
 from tarragon_jax.mesh.cells import Cell
-from tarragon_jax.resilience.fault_domain import FaultDomain, Health
+from tarragon_jax.resilience.fault_domain import FaultDomain, Health, WorkerDead
 from tarragon_jax.resilience.faults import Fault
 from tarragon_jax.resilience.routing_table import RoutingTable
 from tarragon_jax.resilience.snapshot_store import SnapshotStore
@@ -290,12 +290,16 @@ class Tarragon(Recovery):
     e, t0 = self.e, time.perf_counter()
     point, committed = None, 0
     store = e.store
-    if store is not None and store.health is not Health.DEAD:
-      mark = store.mark()
-      if e.detector.silent(store, lambda: store.caught_up(mark)):
+    if store is not None:
+      try:
+        mark = store.mark()
+        if e.detector.silent(store, lambda: store.caught_up(mark)):
+          self.store_failed()
+        else:
+          point = store.restore_point(s.id)
+      except WorkerDead:
+        e.detector.closed(store, t0)
         self.store_failed()
-      else:
-        point = store.restore_point(s.id)
     nbytes = 0
     if point is not None:
       committed = point[0].shape[1]

@@ -96,6 +96,8 @@ class SnapshotStore(FaultDomain):
 
   def mark(self) -> int:
     """The count of items queued so far; wakes the store's thread to apply them now."""
+    if self.health is Health.DEAD:
+      raise WorkerDead(f"{self.name} is dead")
     self._hurry.set()
     return self.enqueued
 

@@ -32,10 +32,13 @@ from tarragon_jax.mesh.transfer import Transfers
 from tarragon_jax.resilience.detector import Detector, WorkerTimeout
 from tarragon_jax.resilience.fault_domain import Health, WorkerDead
 from tarragon_jax.resilience.faults import Fault, FaultInjector
+from tarragon_jax.resilience.global_restart import GlobalRestart
+from tarragon_jax.resilience.orchestrator import Tarragon
 from tarragon_jax.resilience.placement import place
 from tarragon_jax.resilience.routing_table import RoutingTable
 from tarragon_jax.resilience.timeline import Timeline
 from tarragon_jax.serving.engine_config import EngineConfig, ResilienceConfig
+from tarragon_jax.serving.exchange import LayerExchange
 from tarragon_jax.serving.metrics import TokenEvent, latency_summary
 from tarragon_jax.serving.requests import Phase, Request, RequestState
 from tarragon_jax.serving.streams import TokenStream
@@ -44,7 +47,7 @@ from tarragon_jax.serving.workers import AttentionWorker, ExpertWorker, ew_weigh
 __all__ = ["Engine", "EngineConfig", "ResilienceConfig", "WorkerTimeout"]
 
 
-class Engine:
+class Engine(LayerExchange):
   """Serves requests on AW and EW cells carved from the visible devices.
 
   Use `submit` then `step` (or `run`), or `generate` for a batch. `on_token` callbacks receive
@@ -56,9 +59,6 @@ class Engine:
                engine_cfg: EngineConfig = EngineConfig(), devices=None,
                on_token: Callable[[TokenEvent], None] | None = None,
                faults: Iterable[Fault] = ()):
-    from tarragon_jax.resilience.global_restart import GlobalRestart  # noqa: PLC0415
-    from tarragon_jax.resilience.orchestrator import Tarragon  # noqa: PLC0415
-
     self.cfg, self.engine_cfg = cfg, engine_cfg
     rc = engine_cfg.resilience
     self.timeline = Timeline()
@@ -290,115 +290,6 @@ class Engine:
       self.recovery.store_failed()
     except queue.Full:
       pass  # a store that stopped draining is found by the recovery's store watchdog
-
-  # -- the datapath of one layer, with failure handling inside the exchange -------------------
-
-  def attend(self, layer: int, live: list[int]) -> dict[int, tuple]:
-    """Each live AW: attention, routing, per-EW buffers. Returns {aw: (buffers, locals)}.
-
-    An AW that is dead or silent past the detection window is handed to the recovery and
-    left out (the EWs stop waiting for it at this layer).
-    """
-    num_ew, S = len(self.ews), self.placement.slots_per_layer
-    packed = {}
-    for a in live:
-      if self.slot_owner[a] is None:  # declared failed meanwhile (an idle probe)
-        continue
-      out = self._call(self.aws[a], lambda w, a=a: w.attend(layer, self.active_tables[a],
-                                                               num_ew, S))
-      if out is None:
-        self.recovery.aw_failed(a, layer)
-        continue
-      packed[a] = out
-    return packed
-
-  def _call(self, worker, fn):
-    """Calls a worker; None if it is dead or declared failed after staying silent."""
-    since = time.perf_counter()
-    try:
-      out = fn(worker)
-    except WorkerDead:
-      self.detector.closed(worker, since)
-      return None
-    if out is None:  # silent: probed, and declared failed (a peer that answers is waited for)
-      self.detector.silent(worker, expected_since=since)
-    return out
-
-  def send_to_experts(self, packed: dict[int, tuple], capacity: int) -> list[list | None]:
-    """Buffers to the EWs; inbox[m][a] is AW a's (tokens, slots) for EW m (None: EW failed)."""
-    ews = [m for m in range(len(self.ews)) if m not in self.failed_ews]
-    inbox: list[list | None] = [None] * len(self.ews)
-    for m in ews:
-      inbox[m] = [self.ews[m].empty_buffer(capacity) for _ in self.aws]
-    keys = [(m, a) for a in packed for m in ews]
-    sent = self.transfers.send_many(
-        [((packed[a][0][m], packed[a][1][m]), self.ews[m].cell.replicated()) for m, a in keys])
-    for (m, a), buf in zip(keys, sent):
-      inbox[m][a] = buf
-    return inbox
-
-  def run_experts(self, layer: int, inbox: list[list | None]) -> dict[int, tuple]:
-    """Each live EW: one batched expert call over all AWs' buffers; {m: results[a]}.
-
-    EWs that are dead or declared failed are missing from the result.
-    """
-    results = {}
-    for m, ew in enumerate(self.ews):
-      if inbox[m] is not None:
-        out = self._call(ew, lambda w, m=m: w.run_layer(layer, inbox[m]))
-        if out is not None:
-          results[m] = out
-    return results
-
-  def send_to_attention(self, results: dict[int, tuple], aws: Iterable[int],
-                        capacity: int) -> dict[int, list]:
-    """Results back to the AWs; outbox[a][m] is EW m's output for AW a (zeros if none)."""
-    keys = [(a, m) for m in results for a in aws]
-    sent = self.transfers.send_many(
-        [(results[m][a], self.aws[a].cell.replicated()) for a, m in keys])
-    outbox = {a: [self.aws[a].zeros(capacity)] * len(self.ews) for a in aws}
-    for (a, m), out in zip(keys, sent):
-      outbox[a][m] = out
-    return outbox
-
-  def combine(self, layer: int, outbox: dict[int, list]):
-    for a, results in outbox.items():
-      self.aws[a].combine(layer, results)
-
-  def run_layer(self, layer: int, live: list[int], capacity: int) -> list[int]:
-    """One layer across all workers, dispatched asynchronously; returns the AWs still live.
-
-    If an EW fails, the AWs that had sent it tokens replay this layer's exchange under the new
-    routing table (its experts now served by shadows); the replay is dispatched at once, ahead
-    of any later work. Other AWs keep the results they already have.
-    """
-    pending = self.attend(layer, live)
-    live = list(pending)
-    num_ew, S = len(self.ews), self.placement.slots_per_layer
-    outbox: dict[int, list] = {}
-    while pending:
-      results = self.run_experts(layer, self.send_to_experts(pending, capacity))
-      failed = [m for m in range(len(self.ews)) if m not in results and m not in self.failed_ews]
-      affected = set()
-      if failed:
-        affected = {a for a in pending for m in failed
-                    if int(np.asarray(pending[a][1][m]).max()) >= 0}
-        self.recovery.ews_failed(failed, layer)
-      outbox.update(self.send_to_attention(results, [a for a in pending if a not in affected],
-                                           capacity))
-      pending = {}
-      if affected:
-        self.timeline.add("replay", layer=layer, aws=sorted(affected), failed_ews=failed)
-        for a in sorted(affected):
-          out = self._call(self.aws[a], lambda w, a=a: w.replay(layer, self.active_tables[a],
-                                                                   num_ew, S))
-          if out is None:
-            self.recovery.aw_failed(a, layer)
-            live.remove(a)
-          else:
-            pending[a] = out
-    self.combine(layer, {a: outbox[a] for a in live})
-    return live
 
   def _sampling_arrays(self, rows: list[RequestState]):
     B = self.engine_cfg.slots_per_aw
