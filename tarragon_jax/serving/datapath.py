@@ -129,19 +129,22 @@ def aw_cache_copy(cache: KVCache):
   return cache.k * 1, cache.v * 1, cache.lengths * 1
 
 
-@functools.partial(jax.jit, static_argnames="cfg", donate_argnames="cache")
+@functools.partial(jax.jit, static_argnames=("cfg", "snapshot"), donate_argnames="cache")
 def aw_finish(p: ModelParams, cfg: ModelConfig, x, cache: KVCache, slots, n_new, key_data, step,
-              temperature, top_p):
+              temperature, top_p, *, snapshot: bool):
   """Ends a step: samples one token per row from its last real token, advances slot lengths.
 
   Returns:
-    (i32[B] sampled tokens, the cache, the step's new KV (k, v) [L, B, T, K, H] in every layer
-    for the snapshot store; row b's positions after n_new[b] are junk).
+    (i32[B] sampled tokens, the cache, and with `snapshot` the step's new KV (k, v)
+    [L, B, T, K, H] in every layer for the snapshot store (row b's positions after n_new[b]
+    are junk), else None).
   """
   last = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]
   tokens = sample(logits(p, cfg, last), key_data, step, temperature, top_p)
-  T = x.shape[1]
-  positions = jnp.minimum(cache.lengths[slots][:, None] + jnp.arange(T)[None, :],
-                          cache.max_len - 1)
-  segment = (cache.k[:, slots[:, None], positions], cache.v[:, slots[:, None], positions])
+  segment = None
+  if snapshot:
+    T = x.shape[1]
+    positions = jnp.minimum(cache.lengths[slots][:, None] + jnp.arange(T)[None, :],
+                            cache.max_len - 1)
+    segment = (cache.k[:, slots[:, None], positions], cache.v[:, slots[:, None], positions])
   return tokens, cache.advance(slots, n_new), segment

@@ -270,9 +270,10 @@ class Engine(LayerExchange):
       live = self.run_layer(layer, live, capacity)
     sampled = {}
     for a in live:
-      sampled[a], (k, v) = self.aws[a].sample(*self._sampling_arrays(batches[a][3]))
-      self._to_store("log_step", a, seq, [(s.id, s.slot, s.cached, len(s.feed))
-                                          for s in batches[a][3]], k, v)
+      sampled[a], kv = self.aws[a].sample(*self._sampling_arrays(batches[a][3]))
+      if kv is not None:
+        self._to_store("log_step", a, seq, [(s.id, s.slot, s.cached, len(s.feed))
+                                            for s in batches[a][3]], *kv)
     self.detector.wait({self.aws[a].name: (self.aws[a], sampled[a].is_ready) for a in live})
     self.iteration += 1
     for a in live:
@@ -358,7 +359,7 @@ class Engine(LayerExchange):
     """
     if kind == "aw":
       return AttentionWorker(index, cell, self.cfg, params, self.engine_cfg.slots_per_aw,
-                             self.transfers)
+                             self.transfers, self.engine_cfg.resilience.snapshots)
     if isinstance(params, ModelParams):
       params = ew_weights(params, self.placement, index)
     return ExpertWorker(index, cell, self.cfg, params, self.placement.num_ew, self.transfers)

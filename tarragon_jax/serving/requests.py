@@ -72,8 +72,10 @@ class RequestState:
   @property
   def feed(self) -> list[int]:
     """The tokens this request still has to feed: prompt + generated tokens past `cached`."""
-    seq = self.request.prompt + tuple(self.tokens)
-    return list(seq[self.cached:])
+    prompt = self.request.prompt
+    if self.cached >= len(prompt):
+      return self.tokens[self.cached - len(prompt):]
+    return list(prompt[self.cached:]) + self.tokens
 
   @property
   def done(self) -> bool:

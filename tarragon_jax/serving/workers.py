@@ -41,8 +41,10 @@ class AttentionWorker(FaultDomain):
   """Holds attention weights, the router and a KV cache of `num_slots` request slots."""
 
   def __init__(self, index: int, cell: Cell, cfg: ModelConfig, params: ModelParams,
-               num_slots: int, transfers: Transfers):
+               num_slots: int, transfers: Transfers, snapshots: bool = True):
+    """`snapshots`: each step also returns its new KV for the snapshot store."""
     self.index, self.cell, self.cfg, self.num_slots = index, cell, cfg, num_slots
+    self.snapshots = snapshots
     self.name = f"aw{index}"
     self.transfers = transfers
     aw_params = datapath.attention_params(params)
@@ -123,13 +125,14 @@ class AttentionWorker(FaultDomain):
     """Samples each row's next token; None if hung.
 
     Returns:
-      (i32[B] tokens, the step's KV (k, v) [L, B, T, K, H]), device arrays not yet fetched.
+      (i32[B] tokens, the step's KV (k, v) [L, B, T, K, H] or None without snapshots), device
+      arrays not yet fetched.
     """
     if not self._serving():
       return None
     tokens, self.cache, segment = datapath.aw_finish(
         self.params, self.cfg, self.x, self.cache, self.slots, self.n_new,
-        *self.put((key_data, step, temperature, top_p)))
+        *self.put((key_data, step, temperature, top_p)), snapshot=self.snapshots)
     return tokens, segment
 
   def restore(self, slot: int, k: np.ndarray, v: np.ndarray) -> int:
