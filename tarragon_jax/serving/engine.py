@@ -324,13 +324,15 @@ class Engine(LayerExchange):
         self._to_store("forget", s.id)
 
   def warm_up(self, seq_lens=None):
-    """Compiles every executable serving and recovery use, on every worker, touching no slot.
+    """Compiles every executable serving and recovery use, on every worker and spare device.
 
     Without it they compile on first use (a failover would then include compile time).
-    `seq_lens` defaults to 1 and each prefill bucket up to max_seq_len.
+    `seq_lens` defaults to 1 and each prefill bucket up to max_seq_len. It empties every KV
+    slot, so call it before serving.
     """
     if any(s.aw >= 0 and not s.done for s in self.requests.values()):
-      raise RuntimeError("Engine.warm_up: call it before requests are placed (it uses slot 0)")
+      raise RuntimeError("Engine.warm_up: call it before requests are placed (it empties the "
+                         "KV slots)")
     if seq_lens is None:
       seq_lens, b = {1}, self.engine_cfg.min_prefill_bucket
       while b < self.cfg.max_seq_len:

@@ -153,7 +153,10 @@ class AttentionWorker(FaultDomain):
     return datapath.aw_cache_copy(self.cache)
 
   def warm_up(self, seq_lens, num_ew: int, slots_per_layer: int, active):
-    """Compiles this cell's executables for each step length T in `seq_lens`, touching no slot."""
+    """Compiles this cell's executables for each step length T in `seq_lens`.
+
+    For a fresh worker: every slot is left empty (and slot 0's KV zeroed).
+    """
     B = self.num_slots
     for T in seq_lens:
       self.begin(np.zeros((B, T), np.int32), np.zeros((B,), np.int32), np.ones((B,), bool))
