@@ -19,7 +19,10 @@ PYPI = {  # import name -> PyPI distribution
     "numpy": "numpy", "absl": "absl-py", "ml_collections": "ml_collections",
     "safetensors": "safetensors", "matplotlib": "matplotlib", "torch": "torch",
     "transformers": "transformers", "pytest": "pytest", "zmq": "pyzmq", "psutil": "psutil",
+    "tensorstore": "tensorstore", "hypothesis": "hypothesis",
 }
+LOCAL_TOPS = {"tarragon_jax", "experiments", "configs", "tests", "conftest", "hf_models",
+              "test_serve_launcher"}
 
 
 def label(path: pathlib.Path) -> str:
@@ -52,6 +55,9 @@ def deps_of(path: pathlib.Path) -> tuple[list[str], list[str]]:
       target = module_file(name)
       if target is not None and target != path:
         local.add(label(target))
+      elif target is None and top not in LOCAL_TOPS and module_file(top) is None:
+        raise SystemExit(f"{path.relative_to(ROOT)}: import {name!r} is neither the standard "
+                         f"library, this project nor a package in PYPI; add it to PYPI")
   return sorted(local), sorted(pypi)
 
 
