@@ -19,7 +19,7 @@ PYPI = {  # import name -> PyPI distribution
     "numpy": "numpy", "absl": "absl-py", "ml_collections": "ml_collections",
     "safetensors": "safetensors", "matplotlib": "matplotlib", "torch": "torch",
     "transformers": "transformers", "pytest": "pytest", "zmq": "pyzmq", "psutil": "psutil",
-    "tensorstore": "tensorstore", "hypothesis": "hypothesis",
+    "tensorstore": "tensorstore", "hypothesis": "hypothesis", "ml_dtypes": "ml_dtypes",
 }
 LOCAL_TOPS = {"tarragon_jax", "experiments", "configs", "tests", "conftest", "hf_models",
               "test_serve_launcher"}
