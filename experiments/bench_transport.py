@@ -2,7 +2,8 @@
 
   PYTHONPATH=. python -m experiments.bench_transport --config=configs/bench_transport.py
 
-A peer process with its own JAX runtime (one CPU device) answers: a probe, and an array round
+A peer process with its own JAX runtime (one CPU device) answers: a request without arrays, and
+an array round
 trip (received, put on its device, computed on, fetched and sent back), over
 `tarragon_jax.runtime.channel` (ZeroMQ, loopback TCP) and over a `multiprocessing` pipe. Then the
 peer is stopped (SIGSTOP) and killed (SIGKILL) and the time until a probe with a
@@ -41,7 +42,7 @@ def _jax_peer(cache: str):
 def _zmq_peer(ready, cache):
   jax = _jax_peer(cache)
   e = Endpoint()
-  ready.send((e.address, e.probe_address))
+  ready.send(e.address)
   while True:
     r = e.recv()
     arrays = [np.asarray(jax.device_put(a) + 0) for a in r.message["arrays"]]
@@ -83,9 +84,11 @@ def main(argv):
   parent, child = ctx.Pipe()
   proc = ctx.Process(target=_zmq_peer, args=(child, _CACHE.value), daemon=True)
   proc.start()
-  c = Connection(*parent.recv())
+  c = Connection(parent.recv(), heartbeat_s=cd.probe_interval_s / 2,
+                 heartbeat_timeout_s=cd.probe_interval_s)
   c.call({"arrays": [x]}, 60.0)  # the peer's first device_put compiles
-  records.append(_record("zmq probe round trip", _timed(lambda: c.probe(1.0), cd.reps)))
+  records.append(_record("zmq empty request round trip",
+                         _timed(lambda: c.call({"arrays": []}, 10.0), cd.reps)))
   records.append(_record(f"zmq {cd.array_kib} KiB array round trip",
                          _timed(lambda: c.call({"arrays": [x]}, 10.0), cd.reps)))
   for sig, name in ((signal.SIGSTOP, "stopped"), (signal.SIGKILL, "killed")):

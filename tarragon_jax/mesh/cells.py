@@ -98,8 +98,10 @@ class Cells:
   spares: tuple  # devices not in any cell
 
 
-def carve(plan: CellPlan, devices: Sequence | None = None) -> Cells:
+def carve(plan: CellPlan, devices: Sequence | None = None, make_cell=Cell) -> Cells:
   """Splits devices into AW cells, then EW cells, then spares (in device order).
+
+  `make_cell(name, devices)` builds each cell (the process runtime's cells are processes).
 
   Raises:
     ValueError: the plan needs more devices than are given.
@@ -113,7 +115,8 @@ def carve(plan: CellPlan, devices: Sequence | None = None) -> Cells:
   it = iter(devices)
 
   def take(prefix: str, count: int, size: int):
-    return tuple(Cell(f"{prefix}{i}", tuple(next(it) for _ in range(size))) for i in range(count))
+    return tuple(make_cell(f"{prefix}{i}", tuple(next(it) for _ in range(size)))
+                 for i in range(count))
 
   aw = take("aw", plan.num_aw, plan.devices_per_aw)
   ew = take("ew", plan.num_ew, plan.devices_per_ew)

@@ -21,6 +21,7 @@ import jax
 from tarragon_jax.checkpoint import load_checkpoint
 from tarragon_jax.mesh.cells import CellPlan
 from tarragon_jax.resilience.orchestrator import Recovery
+from tarragon_jax.runtime.local import wait
 from tarragon_jax.serving.requests import Phase, RequestState
 
 
@@ -85,14 +86,17 @@ class GlobalRestart(Recovery):
     jax.clear_caches()  # 2. every compiled executable
     phase("clear_caches_s")
     devices = [d for d in e.devices if d not in e.lost_devices]
-    _, params = load_checkpoint(  # 3. weights from the orbax checkpoint
-        e.weights_dir, shardings=jax.sharding.SingleDeviceSharding(devices[0]))
-    jax.block_until_ready(params)
-    phase("weight_load_s")
+    params = None
+    if not e.runtime.remote:  # (new worker processes load their weights themselves)
+      _, params = load_checkpoint(  # 3. weights from the orbax checkpoint
+          e.weights_dir, shardings=jax.sharding.SingleDeviceSharding(devices[0]))
+      jax.block_until_ready(params)
+      phase("weight_load_s")
     plan = fit_plan(e.plan, len(devices), self._failed)  # 4. cells from surviving devices
-    e.build(params, devices, plan)
+    e.build(params, devices, plan)  # (processes: start, JAX init, orbax load, build)
     del params
-    jax.block_until_ready([w.cache for w in e.aws] + [w.weights for w in e.ews])
+    for w in e.aws + e.ews:
+      wait(w.sync())
     phase("rebuild_s")
     recomputed = 0  # 5. every in-flight request starts again from its prompt
     for s in in_flight:

@@ -153,7 +153,7 @@ class Recovery:
       for a, owners in enumerate(e.slot_owner):
         rows = [(r, e.requests[r].slot, e.requests[r].cached) for r in (owners or [])
                 if r >= 0 and e.requests[r].cached > 0]
-        copy = e.aws[a].cache_copy() if rows else None
+        copy = e._call(e.aws[a], lambda w: w.cache_copy()) if rows else None
         if copy is not None:
           e._to_store("base", rows, copy[0], copy[1])
       e.timeline.add("store_base_sent", step=e.iteration)
@@ -303,7 +303,10 @@ class Tarragon(Recovery):
     nbytes = 0
     if point is not None:
       committed = point[0].shape[1]
-      nbytes = e.aws[s.aw].restore(s.slot, *point)
+      nbytes = e._call(e.aws[s.aw], lambda w: w.restore(s.slot, *point))
+      if nbytes is None:  # the target AW failed: the request is queued again
+        self.aw_failed(s.aw, 0)
+        return
     s.cached, s.restore = committed, False
     had, fed = s.failed_at
     record = dict(
@@ -355,7 +358,7 @@ class Tarragon(Recovery):
                    time.perf_counter())
     self._builds.append(build)
     e.timeline.add("replacement_started", worker=f"{kind}{index}",
-                   devices=[d.id for d in devices])
+                   devices=[getattr(d, "id", d) for d in devices])
     build.thread = threading.Thread(target=self._build, args=(build,), daemon=True)
     build.thread.start()
 
@@ -393,14 +396,16 @@ class Tarragon(Recovery):
     """Runs off the serving thread: weights from peers (else orbax), worker on its cell."""
     e = self.e
     try:
-      try:
-        params, b.source = self._peer_weights(b.kind, b.index), "peer"
-      except Exception:  # noqa: BLE001 - a peer failed while being copied: use orbax
-        params = None
-      if params is None:
-        sharding = jax.sharding.SingleDeviceSharding(b.cell.devices[0])
-        _, params = load_checkpoint(e.weights_dir, shardings=sharding)
-        b.source = "orbax"
+      params, b.source = None, "orbax"
+      if not e.runtime.remote:  # (a new process loads its weights itself, with orbax)
+        try:
+          params, b.source = self._peer_weights(b.kind, b.index), "peer"
+        except Exception:  # noqa: BLE001 - a peer failed while being copied: use orbax
+          params = None
+        if params is None:
+          sharding = jax.sharding.SingleDeviceSharding(b.cell.devices[0])
+          _, params = load_checkpoint(e.weights_dir, shardings=sharding)
+          b.source = "orbax"
       w = e.make_worker(b.kind, b.index, b.cell, params)
       if (b.kind, b.cell.devices) not in e.hot_cells:  # a hot spare has compiled already
         e.warm_worker(w)
@@ -431,6 +436,6 @@ class Tarragon(Recovery):
       e.timeline.add("replacement_joined", worker=name, source=b.source,
                      build_s=b.done - b.started,
                      waited_s=time.perf_counter() - b.done, epoch=e.table.epoch,
-                     devices=[d.id for d in b.cell.devices])
+                     devices=[getattr(d, "id", d) for d in b.cell.devices])
 
 

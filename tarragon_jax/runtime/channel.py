@@ -1,10 +1,12 @@
 """Point-to-point channels between independent processes, built on ZeroMQ.
 
-An `Endpoint` is a worker's inbox: a ROUTER socket for requests and, on a thread of its own, a
-REP socket that answers probes, so a worker busy computing still answers while a stopped
-(SIGSTOP) or killed (SIGKILL) one does not. A `Connection` is one client's link to one endpoint:
-requests carry an id and wait with a deadline (`result` returns None when the reply is late:
-the caller decides whether to probe), and `probe` asks the probe socket with a timeout.
+An `Endpoint` is a worker's inbox: a ROUTER socket for requests. A `Connection` is one
+client's link to one endpoint: requests carry an id and wait with a deadline (`result` returns
+None when the reply is late: the caller decides whether to probe), and `probe` reports whether
+the peer answers ZeroMQ's own heartbeats (ZMTP PING/PONG). Those are answered by libzmq's I/O
+thread, not by Python, so a worker that is busy compiling (holding the GIL) still answers,
+while a stopped (SIGSTOP) or killed (SIGKILL) one does not: its connection is dropped after
+`heartbeat_timeout_s` (at once for a kill) and probes fail until it is back.
 
 Why ZeroMQ (`experiments/bench_transport.py`, 2-core machine, loopback TCP, JAX in both
 processes): a probe round trip takes 0.1-0.26 ms and a 128 KiB array round trip 0.7-0.9 ms
@@ -17,14 +19,12 @@ address, and it works across hosts unchanged. Per-layer AW<->EW data could later
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 
 import zmq
+import zmq.utils.monitor
 
 from tarragon_jax.runtime import wire
-
-_PROBE, _ALIVE = b"probe", b"alive"
 
 
 def _bind(sock: zmq.Socket, host: str, port: int) -> str:
@@ -43,25 +43,13 @@ class Request:
 
 
 class Endpoint:
-  """A worker's inbox (requests) and its probe responder."""
+  """A worker's inbox."""
 
-  def __init__(self, host: str = "127.0.0.1", port: int = 0, probe_port: int = 0):
+  def __init__(self, host: str = "127.0.0.1", port: int = 0):
     self._ctx = zmq.Context.instance()
     self._sock = self._ctx.socket(zmq.ROUTER)
     self._sock.setsockopt(zmq.LINGER, 0)
     self.address = _bind(self._sock, host, port)
-    self._probe = self._ctx.socket(zmq.REP)
-    self._probe.setsockopt(zmq.LINGER, 0)
-    self.probe_address = _bind(self._probe, host, probe_port)
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._answer_probes, daemon=True)
-    self._thread.start()
-
-  def _answer_probes(self):
-    while not self._stop.is_set():
-      if self._probe.poll(50):
-        self._probe.recv()
-        self._probe.send(_ALIVE)
 
   def recv(self, timeout_s: float | None = None) -> Request | None:
     """The next request, or None if none arrives within `timeout_s` (None: wait forever)."""
@@ -74,25 +62,29 @@ class Endpoint:
     self._sock.send_multipart([request.client, request.rid, *wire.encode(message)], copy=False)
 
   def close(self):
-    self._stop.set()
-    self._thread.join()
     self._sock.close()
-    self._probe.close()
 
 
 class Connection:
-  """One client's link to one endpoint."""
+  """One client's link to one endpoint, with heartbeats every `heartbeat_s`."""
 
-  def __init__(self, address: str, probe_address: str):
+  def __init__(self, address: str, heartbeat_s: float = 0.005,
+               heartbeat_timeout_s: float = 0.01):
     self._ctx = zmq.Context.instance()
     self._sock = self._ctx.socket(zmq.DEALER)
     self._sock.setsockopt(zmq.LINGER, 0)
+    self._sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat_s * 1000)))
+    self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(heartbeat_timeout_s * 1000)))
+    self._sock.setsockopt(zmq.RECONNECT_IVL, max(1, int(heartbeat_s * 1000)))
+    # Up = the ZMTP handshake succeeded (the peer's libzmq answered; a stopped process's
+    # kernel still accepts TCP connections, so a TCP connect alone proves nothing).
+    self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                                  | zmq.EVENT_DISCONNECTED)
+    self._connected = False
     self._sock.connect(address)
-    self._probe = self._ctx.socket(zmq.DEALER)
-    self._probe.setsockopt(zmq.LINGER, 0)
-    self._probe.connect(probe_address)
     self._ids = itertools.count(1)
     self._replies: dict[int, object] = {}
+    self._ignored: set[int] = set()
 
   def send(self, message) -> int:
     """Sends a request without waiting; returns its id for `result`."""
@@ -108,23 +100,36 @@ class Connection:
       if not self._sock.poll(left_ms):
         return None
       got, *frames = self._sock.recv_multipart(copy=False)
-      self._replies[int.from_bytes(got.bytes, "little")] = wire.decode(frames)
+      got = int.from_bytes(got.bytes, "little")
+      if got in self._ignored:
+        self._ignored.discard(got)
+      else:
+        self._replies[got] = wire.decode(frames)
     return self._replies.pop(rid)
+
+  def ignore(self, rid: int):
+    """The reply to `rid` will not be asked for: drop it when it arrives."""
+    if self._replies.pop(rid, None) is None:
+      self._ignored.add(rid)
 
   def call(self, message, timeout_s: float):
     """Sends a request and waits for its reply; None if it is late."""
     return self.result(self.send(message), timeout_s)
 
   def probe(self, timeout_s: float) -> bool:
-    """True if the peer's probe responder answers within `timeout_s`."""
-    while self._probe.poll(0):  # a late answer to an earlier probe
-      self._probe.recv_multipart()
-    self._probe.send_multipart([b"", _PROBE])
-    if not self._probe.poll(int(timeout_s * 1000)):
-      return False
-    self._probe.recv_multipart()
-    return True
+    """True if the peer's connection is up (it answers heartbeats), waiting `timeout_s` for
+    it to come up."""
+    deadline = time.perf_counter() + timeout_s
+    while True:
+      while self._monitor.poll(0):
+        event = zmq.utils.monitor.recv_monitor_message(self._monitor)["event"]
+        self._connected = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+      left = deadline - time.perf_counter()
+      if self._connected or left <= 0:
+        return self._connected
+      self._monitor.poll(max(1, int(left * 1000)))
 
   def close(self):
+    self._sock.disable_monitor()
+    self._monitor.close()
     self._sock.close()
-    self._probe.close()

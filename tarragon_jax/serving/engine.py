@@ -27,8 +27,7 @@ from tarragon_jax.checkpoint import save_checkpoint
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.params import ExpertParams, ModelParams, abstract_params
 from tarragon_jax.layers.sampling import SamplingParams
-from tarragon_jax.mesh.cells import Cell, carve
-from tarragon_jax.mesh.transfer import Transfers
+from tarragon_jax.mesh.cells import Cell
 from tarragon_jax.resilience.detector import Detector, WorkerTimeout
 from tarragon_jax.resilience.fault_domain import Health, WorkerDead
 from tarragon_jax.resilience.faults import Fault, FaultInjector
@@ -37,6 +36,7 @@ from tarragon_jax.resilience.orchestrator import Tarragon
 from tarragon_jax.resilience.placement import place
 from tarragon_jax.resilience.routing_table import RoutingTable
 from tarragon_jax.resilience.timeline import Timeline
+from tarragon_jax.runtime.local import LocalRuntime, wait
 from tarragon_jax.serving.engine_config import EngineConfig, ResilienceConfig
 from tarragon_jax.serving.exchange import LayerExchange
 from tarragon_jax.serving.metrics import TokenEvent, latency_summary
@@ -58,14 +58,15 @@ class Engine(LayerExchange):
   def __init__(self, cfg: ModelConfig, params: ModelParams,
                engine_cfg: EngineConfig = EngineConfig(), devices=None,
                on_token: Callable[[TokenEvent], None] | None = None,
-               faults: Iterable[Fault] = ()):
+               faults: Iterable[Fault] = (), runtime=None):
     self.cfg, self.engine_cfg = cfg, engine_cfg
     rc = engine_cfg.resilience
     self.timeline = Timeline()
     self.detector = Detector(rc.detection, self.timeline)
-    self.devices = list(jax.devices() if devices is None else devices)
+    self.runtime = LocalRuntime() if runtime is None else runtime
+    self.devices = list(self.runtime.devices() if devices is None else devices)
     self.lost_devices: list = []
-    self.transfers = Transfers()
+    self.transfers = self.runtime.transfers()
     self._scratch = tempfile.mkdtemp(prefix="tarragon_")
     self.weights_dir = rc.weights_dir or os.path.dirname(
         save_checkpoint(os.path.join(self._scratch, "weights"), params, cfg))
@@ -97,7 +98,7 @@ class Engine(LayerExchange):
     plan = plan or self.engine_cfg.plan
     ec = self.engine_cfg
     self.plan = plan
-    self.cells = carve(plan, devices)
+    self.cells = self.runtime.carve(plan, devices)
     self.spares = list(self.cells.spares)
     self.placement = place(self.cfg.num_layers, self.cfg.num_experts, plan.num_ew,
                            ec.ew_slots_per_layer, ec.shadows_per_expert)
@@ -193,10 +194,12 @@ class Engine(LayerExchange):
       slot = self.slot_owner[a].index(-1)
       self.slot_owner[a][slot] = rid
       state.aw, state.slot, state.cached = a, slot, 0
-      if state.restore:
-        self.recovery.restore(state)
       state.phase = Phase.PREFILL if not state.tokens else Phase.DECODE
-    self.waiting = still
+      if state.restore:
+        self.recovery.restore(state)  # its target may fail too: it then goes back to waiting
+    # A failure during a restore may have queued requests again (at the front).
+    self.waiting = [r for r in dict.fromkeys(self.waiting + still)
+                    if self.requests[r].phase is Phase.WAITING]
 
   def bucket(self, n: int) -> int:
     """The padded step length of a prompt of n tokens."""
@@ -269,12 +272,20 @@ class Engine(LayerExchange):
       self.recovery.probe_idle()
       live = self.run_layer(layer, live, capacity)
     sampled = {}
-    for a in live:
-      sampled[a], kv = self.aws[a].sample(*self._sampling_arrays(batches[a][3]))
+    for a in list(live):
+      out = self._call(self.aws[a], lambda w, a=a: w.sample(
+          *self._sampling_arrays(batches[a][3])))
+      if out is None:
+        self.recovery.aw_failed(a, self.cfg.num_layers)
+        live.remove(a)
+        continue
+      sampled[a], kv = out
       if kv is not None:
         self._to_store("log_step", a, seq, [(s.id, s.slot, s.cached, len(s.feed))
                                             for s in batches[a][3]], *kv)
-    self.detector.wait({self.aws[a].name: (self.aws[a], sampled[a].is_ready) for a in live})
+    self.detector.wait({self.aws[a].name: (self.aws[a], getattr(sampled[a], "is_ready",
+                                                                 lambda: True))
+                        for a in live})
     self.iteration += 1
     for a in live:
       self._emit(batches[a][3], np.asarray(sampled[a]))
@@ -344,6 +355,8 @@ class Engine(LayerExchange):
       self.warm_worker(w)
     # Hot spares: compile on the spare devices too, so a replacement built there after a
     # failure only loads weights (a background compile would compete with serving).
+    if self.runtime.remote:  # replacements are new processes (the compile cache serves them)
+      return
     zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_params(self.cfg))
     for kind, size in (("aw", self.plan.devices_per_aw), ("ew", self.plan.devices_per_ew)):
       for i in range(0, len(self.spares) - size + 1, size):
@@ -359,6 +372,8 @@ class Engine(LayerExchange):
     `params` is the model's (an AW ignores the routed experts) or, for an EW, the host arrays
     [L, S, ...] of exactly the experts it holds.
     """
+    if self.runtime.remote:  # the worker process loads its own weights
+      return self.runtime.start_worker(self, kind, index, cell)
     if kind == "aw":
       return AttentionWorker(index, cell, self.cfg, params, self.engine_cfg.slots_per_aw,
                              self.transfers, self.engine_cfg.resilience.snapshots)
@@ -369,16 +384,17 @@ class Engine(LayerExchange):
   def warm_worker(self, w, seq_lens=None):
     """Compiles a worker's executables for step lengths `seq_lens` (default: all seen)."""
     seq_lens = sorted(list(self.seq_lens if seq_lens is None else seq_lens))
-    if isinstance(w, AttentionWorker):
-      w.warm_up(seq_lens, len(self.ews), self.placement.slots_per_layer,
-                w.put(self.base_table.active))
+    if w.name.startswith("aw"):
+      wait(w.warm_up(seq_lens, len(self.ews), self.placement.slots_per_layer,
+                     w.put(self.base_table.active)))
     else:
       B, X = self.engine_cfg.slots_per_aw, self.cfg.top_k
-      w.warm_up([B * T * X for T in seq_lens], len(self.aws))
+      wait(w.warm_up([B * T * X for T in seq_lens], len(self.aws)))
 
   def close(self):
-    """Waits for background recovery work and stops the snapshot store's thread."""
+    """Waits for background recovery work, stops the snapshot store and worker processes."""
     self.recovery.close()
+    self.runtime.close()
 
   def __enter__(self):
     return self

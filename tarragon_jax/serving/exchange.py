@@ -40,13 +40,22 @@ class LayerExchange:
     return packed
 
   def _call(self, worker, fn):
-    """Calls a worker; None if it is dead or declared failed after staying silent."""
+    """Calls a worker; None if it is dead or declared failed after staying silent.
+
+    A process runtime's reply (`Pending`) is waited for with the detector: a late reply is
+    silence, and the peer is probed.
+    """
     since = time.perf_counter()
     try:
       out = fn(worker)
     except WorkerDead:
       self.detector.closed(worker, since)
       return None
+    if hasattr(out, "arrived"):
+      if self.detector.wait({worker.name: (worker, out.arrived)}, since):
+        out.ignore()
+        return None
+      return out.result()
     if out is None:  # silent: probed, and declared failed (a peer that answers is waited for)
       self.detector.silent(worker, expected_since=since)
     return out
@@ -90,7 +99,8 @@ class LayerExchange:
 
   def combine(self, layer: int, outbox: dict[int, list]):
     for a, results in outbox.items():
-      self.aws[a].combine(layer, results)
+      if self._call(self.aws[a], lambda w, r=results: w.combine(layer, r)) is None:
+        self.recovery.aw_failed(a, layer)
 
   def run_layer(self, layer: int, live: list[int], capacity: int) -> list[int]:
     """One layer across all workers, dispatched asynchronously; returns the AWs still live.

@@ -116,10 +116,12 @@ class AttentionWorker(FaultDomain):
     return self._zeros[capacity]
 
   def combine(self, layer, results):
+    """Adds the EWs' results (and the shared expert) to the residual; True, or None if hung."""
     if not self._serving():
-      return
+      return None
     self.x = datapath.aw_combine(self.params, self.cfg, self.x, self.h, layer, tuple(results),
                                  self.dest, self.weights)
+    return True
 
   def sample(self, key_data, step, temperature, top_p):
     """Samples each row's next token; None if hung.
@@ -145,6 +147,11 @@ class AttentionWorker(FaultDomain):
     kp, vp, slot_d, n_d = self.put((np.pad(k, pad), np.pad(v, pad), np.int32(slot), np.int32(n)))
     self.cache = datapath.aw_restore(self.cache, slot_d, kp, vp, n_d)
     return k.nbytes + v.nbytes
+
+  def sync(self) -> bool:
+    """Blocks until this worker's pending device work is done."""
+    self.cache.lengths.block_until_ready()
+    return True
 
   def cache_copy(self):
     """Device copies (k, v, lengths) of the whole cache, for a base snapshot."""
@@ -227,6 +234,11 @@ class ExpertWorker(FaultDomain):
     tokens = tuple(t for t, _ in inbox)
     slots = tuple(s for _, s in inbox)
     return datapath.ew_experts(self.weights, self.cfg, layer, tokens, slots, num_ew=self.num_ew)
+
+  def sync(self) -> bool:
+    """Blocks until this worker's weights are on its cell."""
+    jax.block_until_ready(self.weights)
+    return True
 
   def warm_up(self, capacities, num_aw: int):
     """Compiles the expert call for each buffer capacity, on empty buffers."""

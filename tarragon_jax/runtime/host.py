@@ -1,0 +1,99 @@
+"""A worker process: one AW or EW, its own JAX runtime and device, serving requests.
+
+  python -m tarragon_jax.runtime.host [--compile_cache=DIR]
+
+Prints `READY <address>` once its endpoint is bound, then serves (and exits when the process
+that started it is gone):
+- {"op": "init", ...}: loads the weights with orbax and builds the worker (the same
+  `AttentionWorker` / `ExpertWorker` classes the local runtime uses) on this process's device;
+- {"op": "call", "method": m, "args": [...]}: calls the worker; device arrays in the result
+  come back as host arrays (the driver moves them on to the next worker);
+- {"op": "exit"}.
+A failure to build or to serve a call is replied as {"error": "..."}.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import traceback
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tarragon_jax import launch_config  # noqa: E402
+from tarragon_jax.checkpoint import load_checkpoint  # noqa: E402
+from tarragon_jax.config import ModelConfig  # noqa: E402
+from tarragon_jax.mesh.cells import Cell  # noqa: E402
+from tarragon_jax.mesh.transfer import Transfers  # noqa: E402
+from tarragon_jax.resilience.placement import Placement  # noqa: E402
+from tarragon_jax.runtime.channel import Endpoint  # noqa: E402
+from tarragon_jax.serving.workers import AttentionWorker, ExpertWorker, ew_weights  # noqa: E402
+
+
+def to_host(x):
+  """Device arrays (in nested tuples/lists) to numpy; everything else unchanged."""
+  if isinstance(x, jax.Array):
+    return np.asarray(x)
+  if isinstance(x, (tuple, list)):
+    return type(x)(to_host(v) for v in x)
+  return x
+
+
+def build(spec: dict):
+  cfg = ModelConfig.from_dict(spec["config"])
+  cell = Cell(f"{spec['kind']}{spec['index']}", (jax.devices()[0],))
+  _, params = load_checkpoint(spec["weights_dir"], shardings=cell.replicated())
+  if spec["kind"] == "aw":
+    return AttentionWorker(spec["index"], cell, cfg, params, spec["slots"], Transfers(),
+                           spec["snapshots"])
+  placement = Placement(spec["num_ew"], spec["slots_per_layer"],
+                        np.asarray(spec["contents"]), np.asarray(spec["replicas"]))
+  host = ew_weights(params, placement, spec["index"])
+  return ExpertWorker(spec["index"], cell, cfg, host, spec["num_ew"], Transfers())
+
+
+def serve(endpoint: Endpoint):
+  worker = None
+  while True:
+    request = endpoint.recv()
+    msg = request.message
+    try:
+      if msg["op"] == "exit":
+        endpoint.reply(request, {"ok": True})
+        return
+      if msg["op"] == "init":
+        worker = build(msg["spec"])
+        reply = {"ok": True}
+      else:
+        out = getattr(worker, msg["method"])(*msg["args"])
+        reply = {"result": to_host(out)}
+    except Exception:  # noqa: BLE001 - the driver decides what a failed call means
+      reply = {"error": traceback.format_exc(limit=8)}
+    endpoint.reply(request, reply)
+
+
+def main(argv: list[str]):
+  cache = next((a.split("=", 1)[1] for a in argv if a.startswith("--compile_cache=")),
+               launch_config.DEFAULT_COMPILE_CACHE)
+  launch_config.enable_compile_cache(cache)
+  host = next((a.split("=", 1)[1] for a in argv if a.startswith("--host=")), "127.0.0.1")
+  endpoint = Endpoint(host)
+  parent = os.getppid()
+  threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+  print(f"READY {endpoint.address}", flush=True)
+  serve(endpoint)
+
+
+def _exit_with_parent(parent: int):
+  while os.getppid() == parent:
+    time.sleep(0.5)
+  os._exit(0)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
