@@ -42,7 +42,7 @@ def _jax_peer(cache: str):
 def _zmq_peer(ready, cache):
   jax = _jax_peer(cache)
   e = Endpoint()
-  ready.send(e.address)
+  ready.send((e.address, e.probe_address))
   while True:
     r = e.recv()
     arrays = [np.asarray(jax.device_put(a) + 0) for a in r.message["arrays"]]
@@ -84,7 +84,7 @@ def main(argv):
   parent, child = ctx.Pipe()
   proc = ctx.Process(target=_zmq_peer, args=(child, _CACHE.value), daemon=True)
   proc.start()
-  c = Connection(parent.recv(), heartbeat_s=cd.probe_interval_s / 2,
+  c = Connection(*parent.recv(), heartbeat_s=cd.probe_interval_s / 2,
                  heartbeat_timeout_s=cd.probe_interval_s)
   c.call({"arrays": [x]}, 60.0)  # the peer's first device_put compiles
   records.append(_record("zmq empty request round trip",

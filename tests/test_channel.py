@@ -19,7 +19,7 @@ PEER = """
 import sys
 from tarragon_jax.runtime.channel import Endpoint
 e = Endpoint()
-print(e.address, flush=True)
+print(e.address, e.probe_address, flush=True)
 while True:
   r = e.recv()
   m = r.message
@@ -51,7 +51,7 @@ def test_wire_refuses_what_cannot_travel(bad, match):
 
 def test_requests_and_replies_in_process():
   e = Endpoint()
-  c = Connection(e.address)
+  c = Connection(e.address, e.probe_address)
   first, second = c.send({"i": 1}), c.send({"i": 2})
   for _ in range(2):
     r = e.recv(timeout_s=1.0)
@@ -69,8 +69,9 @@ def test_requests_and_replies_in_process():
 @pytest.fixture
 def peer():
   proc = subprocess.Popen([sys.executable, "-c", PEER], stdout=subprocess.PIPE, text=True)
-  address = proc.stdout.readline().strip()
-  yield proc, Connection(address, heartbeat_s=PROBE_S / 2, heartbeat_timeout_s=PROBE_S)
+  address, probe_address = proc.stdout.readline().split()
+  yield proc, Connection(address, probe_address, heartbeat_s=PROBE_S / 2,
+                         heartbeat_timeout_s=PROBE_S)
   proc.kill()
   proc.wait()
 

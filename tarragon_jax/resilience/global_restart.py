@@ -105,8 +105,7 @@ class GlobalRestart(Recovery):
     # 6. compile what resuming needs now: decode and the prefill buckets of those prompts
     # (other shapes compile when first used, as in any JAX deployment).
     seq_lens = {1} | {e.bucket(len(s.request.prompt)) for s in in_flight}
-    for w in e.aws + e.ews:
-      e.warm_worker(w, seq_lens)
+    e.warm_workers(e.aws + e.ews, seq_lens)
     phase("compile_s")
     ids = [s.id for s in in_flight]
     e.waiting = ids + [r for r in e.waiting if r not in ids]

@@ -1,12 +1,14 @@
 """Point-to-point channels between independent processes, built on ZeroMQ.
 
-An `Endpoint` is a worker's inbox: a ROUTER socket for requests. A `Connection` is one
-client's link to one endpoint: requests carry an id and wait with a deadline (`result` returns
-None when the reply is late: the caller decides whether to probe), and `probe` reports whether
-the peer answers ZeroMQ's own heartbeats (ZMTP PING/PONG). Those are answered by libzmq's I/O
-thread, not by Python, so a worker that is busy compiling (holding the GIL) still answers,
-while a stopped (SIGSTOP) or killed (SIGKILL) one does not: its connection is dropped after
-`heartbeat_timeout_s` (at once for a kill) and probes fail until it is back.
+An `Endpoint` is a worker's inbox: a ROUTER socket for requests, and a second socket that
+nobody reads, for probes. A `Connection` is one client's link to one endpoint: requests carry
+an id and wait with a deadline (`result` returns None when the reply is late: the caller
+decides whether to probe), and `probe` reports whether the peer answers ZeroMQ's own heartbeats
+(ZMTP PING/PONG) on the probe connection. Heartbeats are answered by libzmq's I/O thread, not
+by Python, so a worker that is busy compiling (holding the GIL) still answers, while a stopped
+(SIGSTOP) or killed (SIGKILL) one does not: the probe connection is dropped after
+`heartbeat_timeout_s` (at once for a kill) and probes fail until it is back. The request
+connection has no heartbeat timeout: dropping it would lose the replies in flight.
 
 Why ZeroMQ (`experiments/bench_transport.py`, 2-core machine, loopback TCP, JAX in both
 processes): a probe round trip takes 0.1-0.26 ms and a 128 KiB array round trip 0.7-0.9 ms
@@ -45,11 +47,14 @@ class Request:
 class Endpoint:
   """A worker's inbox."""
 
-  def __init__(self, host: str = "127.0.0.1", port: int = 0):
+  def __init__(self, host: str = "127.0.0.1", port: int = 0, probe_port: int = 0):
     self._ctx = zmq.Context.instance()
     self._sock = self._ctx.socket(zmq.ROUTER)
     self._sock.setsockopt(zmq.LINGER, 0)
     self.address = _bind(self._sock, host, port)
+    self._probe = self._ctx.socket(zmq.ROUTER)  # only heartbeats: libzmq answers them
+    self._probe.setsockopt(zmq.LINGER, 0)
+    self.probe_address = _bind(self._probe, host, probe_port)
 
   def recv(self, timeout_s: float | None = None) -> Request | None:
     """The next request, or None if none arrives within `timeout_s` (None: wait forever)."""
@@ -63,25 +68,29 @@ class Endpoint:
 
   def close(self):
     self._sock.close()
+    self._probe.close()
 
 
 class Connection:
   """One client's link to one endpoint, with heartbeats every `heartbeat_s`."""
 
-  def __init__(self, address: str, heartbeat_s: float = 0.005,
-               heartbeat_timeout_s: float = 0.01):
+  def __init__(self, address: str, probe_address: str, heartbeat_s: float = 0.005,
+               heartbeat_timeout_s: float = 0.03):
     self._ctx = zmq.Context.instance()
     self._sock = self._ctx.socket(zmq.DEALER)
     self._sock.setsockopt(zmq.LINGER, 0)
-    self._sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat_s * 1000)))
-    self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(heartbeat_timeout_s * 1000)))
-    self._sock.setsockopt(zmq.RECONNECT_IVL, max(1, int(heartbeat_s * 1000)))
+    self._sock.connect(address)
+    self._probe = self._ctx.socket(zmq.DEALER)
+    self._probe.setsockopt(zmq.LINGER, 0)
+    self._probe.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat_s * 1000)))
+    self._probe.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(heartbeat_timeout_s * 1000)))
+    self._probe.setsockopt(zmq.RECONNECT_IVL, max(1, int(heartbeat_s * 1000)))
     # Up = the ZMTP handshake succeeded (the peer's libzmq answered; a stopped process's
     # kernel still accepts TCP connections, so a TCP connect alone proves nothing).
-    self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED
-                                                  | zmq.EVENT_DISCONNECTED)
+    self._monitor = self._probe.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                                   | zmq.EVENT_DISCONNECTED)
     self._connected = False
-    self._sock.connect(address)
+    self._probe.connect(probe_address)
     self._ids = itertools.count(1)
     self._replies: dict[int, object] = {}
     self._ignored: set[int] = set()
@@ -130,6 +139,7 @@ class Connection:
       self._monitor.poll(max(1, int(left * 1000)))
 
   def close(self):
-    self._sock.disable_monitor()
+    self._probe.disable_monitor()
     self._monitor.close()
+    self._probe.close()
     self._sock.close()

@@ -2,8 +2,8 @@
 
   python -m tarragon_jax.runtime.host [--compile_cache=DIR]
 
-Prints `READY <address>` once its endpoint is bound, then serves (and exits when the process
-that started it is gone):
+Prints `READY <address> <probe address>` once its endpoint is bound, then serves (and exits
+when the process that started it is gone):
 - {"op": "init", ...}: loads the weights with orbax and builds the worker (the same
   `AttentionWorker` / `ExpertWorker` classes the local runtime uses) on this process's device;
 - {"op": "call", "method": m, "args": [...]}: calls the worker; device arrays in the result
@@ -85,7 +85,7 @@ def main(argv: list[str]):
   endpoint = Endpoint(host)
   parent = os.getppid()
   threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-  print(f"READY {endpoint.address}", flush=True)
+  print(f"READY {endpoint.address} {endpoint.probe_address}", flush=True)
   serve(endpoint)
 
 

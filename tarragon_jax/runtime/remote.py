@@ -92,22 +92,28 @@ class RemoteWorker(FaultDomain):
     self.kind, self.index, self.cell, self.cfg = kind, index, cell, cfg
     self.name = f"{kind}{index}"
     self.probe_s = probe_s
+    self.conn = None
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "tarragon_jax.runtime.host", f"--compile_cache={compile_cache}"],
         stdout=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+  def connect(self):
+    """Waits for the process to bind its endpoint (Python and JAX start) and connects."""
     line = self.proc.stdout.readline().split()
     if not line or line[0] != "READY":
       raise RemoteError(f"{self.name}: the worker process did not start ({line})")
-    self.conn = Connection(line[1], heartbeat_s=probe_s / 2, heartbeat_timeout_s=probe_s)
+    # Heartbeats every half probe interval; three missed intervals drop the probe connection
+    # (a worker starved of CPU on a busy host is not declared dead for one late PONG).
+    self.conn = Connection(line[1], line[2], heartbeat_s=self.probe_s / 2,
+                           heartbeat_timeout_s=3 * self.probe_s)
 
   def request(self, method: str, *args) -> Pending:
     return Pending(self.conn, self.conn.send({"op": "call", "method": method, "args": args}),
                    method)
 
-  def init(self, spec: dict, timeout_s: float = 600.0):
-    reply = self.conn.call({"op": "init", "spec": spec}, timeout_s)
-    if reply is None or "error" in reply:
-      raise RemoteError(f"{self.name}: init failed: {reply and reply['error']}")
+  def init(self, spec: dict) -> Pending:
+    """Has the process load its weights (orbax) and build its worker."""
+    return Pending(self.conn, self.conn.send({"op": "init", "spec": spec}), "init")
 
   # -- the worker interface ---------------------------------------------------------------------
 
@@ -140,10 +146,12 @@ class RemoteWorker(FaultDomain):
 
   def close(self):
     if self.proc.poll() is None:
-      self.conn.call({"op": "exit"}, 5.0)
+      if self.conn is not None:
+        self.conn.call({"op": "exit"}, 5.0)
       self.proc.kill()
       self.proc.wait()
-    self.conn.close()
+    if self.conn is not None:
+      self.conn.close()
 
 
 def _forward(method: str):
@@ -179,15 +187,28 @@ class ProcessRuntime:
 
   def start_worker(self, engine, kind: str, index: int, cell: ProcessCell) -> RemoteWorker:
     """Starts the process, then has it load its weights (orbax) and build its worker."""
-    w = RemoteWorker(kind, index, cell, engine.cfg,
-                     engine.engine_cfg.resilience.detection.probe_interval_s, self.compile_cache)
+    return self.start_workers(engine, [(kind, index, cell)])[0]
+
+  def start_workers(self, engine, specs: list[tuple]) -> list[RemoteWorker]:
+    """Starts (kind, index, cell) workers side by side: all processes, then all inits."""
+    probe_s = engine.engine_cfg.resilience.detection.probe_interval_s
+    workers = [RemoteWorker(kind, index, cell, engine.cfg, probe_s, self.compile_cache)
+               for kind, index, cell in specs]
+    self.workers += workers
     p = engine.placement
-    w.init(dict(kind=kind, index=index, config=engine.cfg.to_dict(),
-                weights_dir=engine.weights_dir, slots=engine.engine_cfg.slots_per_aw,
-                snapshots=engine.engine_cfg.resilience.snapshots, num_ew=p.num_ew,
-                slots_per_layer=p.slots_per_layer, contents=p.contents, replicas=p.replicas))
-    self.workers.append(w)
-    return w
+    for w in workers:
+      w.connect()
+    inits = [w.init(dict(kind=w.kind, index=w.index, config=engine.cfg.to_dict(),
+                         weights_dir=engine.weights_dir, slots=engine.engine_cfg.slots_per_aw,
+                         snapshots=engine.engine_cfg.resilience.snapshots, num_ew=p.num_ew,
+                         slots_per_layer=p.slots_per_layer, contents=p.contents,
+                         replicas=p.replicas)) for w in workers]
+    for w, pending in zip(workers, inits):
+      try:
+        pending.result(600.0)
+      except (RemoteError, TimeoutError) as err:
+        raise RemoteError(f"{w.name}: init failed: {err}") from err
+    return workers
 
   def close(self):
     for w in self.workers:

@@ -102,8 +102,14 @@ class Engine(LayerExchange):
     self.spares = list(self.cells.spares)
     self.placement = place(self.cfg.num_layers, self.cfg.num_experts, plan.num_ew,
                            ec.ew_slots_per_layer, ec.shadows_per_expert)
-    self.aws = [self.make_worker("aw", i, c, params) for i, c in enumerate(self.cells.aw)]
-    self.ews = [self.make_worker("ew", i, c, params) for i, c in enumerate(self.cells.ew)]
+    if self.runtime.remote:  # every process starts side by side
+      workers = self.runtime.start_workers(
+          self, [("aw", i, c) for i, c in enumerate(self.cells.aw)]
+          + [("ew", i, c) for i, c in enumerate(self.cells.ew)])
+      self.aws, self.ews = workers[:len(self.cells.aw)], workers[len(self.cells.aw):]
+    else:
+      self.aws = [self.make_worker("aw", i, c, params) for i, c in enumerate(self.cells.aw)]
+      self.ews = [self.make_worker("ew", i, c, params) for i, c in enumerate(self.cells.ew)]
     self.failed_ews: set[int] = set()
     self.slot_owner: list[list[int] | None] = [[-1] * ec.slots_per_aw for _ in self.aws]
     self.base_table = RoutingTable.from_placement(self.placement)
@@ -351,8 +357,7 @@ class Engine(LayerExchange):
         b *= 2
       seq_lens.add(self.cfg.max_seq_len)
     self.seq_lens |= set(seq_lens)
-    for w in self.aws + self.ews:
-      self.warm_worker(w)
+    self.warm_workers(self.aws + self.ews)
     # Hot spares: compile on the spare devices too, so a replacement built there after a
     # failure only loads weights (a background compile would compete with serving).
     if self.runtime.remote:  # replacements are new processes (the compile cache serves them)
@@ -383,13 +388,17 @@ class Engine(LayerExchange):
 
   def warm_worker(self, w, seq_lens=None):
     """Compiles a worker's executables for step lengths `seq_lens` (default: all seen)."""
+    self.warm_workers([w], seq_lens)
+
+  def warm_workers(self, workers, seq_lens=None):
+    """`warm_worker` for several workers (worker processes compile side by side)."""
     seq_lens = sorted(list(self.seq_lens if seq_lens is None else seq_lens))
-    if w.name.startswith("aw"):
-      wait(w.warm_up(seq_lens, len(self.ews), self.placement.slots_per_layer,
-                     w.put(self.base_table.active)))
-    else:
-      B, X = self.engine_cfg.slots_per_aw, self.cfg.top_k
-      wait(w.warm_up([B * T * X for T in seq_lens], len(self.aws)))
+    B, X = self.engine_cfg.slots_per_aw, self.cfg.top_k
+    pending = [w.warm_up(seq_lens, len(self.ews), self.placement.slots_per_layer,
+                         w.put(self.base_table.active)) if w.name.startswith("aw")
+               else w.warm_up([B * T * X for T in seq_lens], len(self.aws)) for w in workers]
+    for out in pending:
+      wait(out)
 
   def close(self):
     """Waits for background recovery work, stops the snapshot store and worker processes."""
