@@ -1,0 +1,88 @@
+"""The process runtime: every AW and EW its own OS process; faults are SIGKILL and SIGSTOP.
+
+Small on purpose (each worker process starts its own JAX runtime): 2 AWs + 2 EWs + spares.
+Every request completes with the tokens of the local runtime, each index delivered once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+import tarragon_jax as tj
+from tarragon_jax.mesh.cells import CellPlan
+from tarragon_jax.resilience.faults import parse_faults
+from tarragon_jax.runtime.remote import ProcessRuntime
+from tarragon_jax.serving.engine import Engine, EngineConfig, ResilienceConfig
+from tarragon_jax.serving.requests import Request
+
+CFG = tj.ModelConfig(family="mixtral", vocab_size=128, hidden_size=32, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=8, num_experts=8, top_k=2, expert_hidden=64,
+                     max_seq_len=64)
+PLAN = CellPlan(2, 2)
+_rng = np.random.default_rng(21)
+PROMPTS = [tuple(int(t) for t in _rng.integers(0, 128, n)) for n in (5, 9, 12, 3)]
+MAX_NEW = 16
+
+
+@functools.cache
+def _params():
+  return tj.init_params(CFG, jax.random.key(8))
+
+
+def _serve(runtime=None, faults: str = "", **resilience) -> Engine:
+  rc = ResilienceConfig(**resilience)
+  engine = Engine(CFG, _params(), EngineConfig(plan=PLAN, slots_per_aw=2, resilience=rc),
+                  faults=parse_faults(faults), runtime=runtime)
+  ids = [engine.submit(Request(p, MAX_NEW)) for p in PROMPTS]
+  try:
+    engine.run()
+    engine.recovery.wait_for_replacements()
+  finally:
+    engine.close()
+  engine.outputs = [tuple(engine.tokens(i)) for i in ids]
+  return engine
+
+
+@functools.cache
+def _local_tokens():
+  return _serve().outputs
+
+
+def _check(engine: Engine):
+  assert engine.injector.pending == []
+  assert engine.outputs == _local_tokens()
+  for rid, stream in engine.streams.items():
+    assert stream.mismatches == []
+    assert [ev.index for ev in engine.events if ev.request_id == rid] == list(range(MAX_NEW))
+
+
+def test_worker_processes_give_the_local_runtimes_tokens():
+  engine = _serve(ProcessRuntime(slots=5))
+  _check(engine)
+  assert all(w.proc.poll() is not None for w in engine.runtime.workers)  # all exited
+
+
+@pytest.mark.parametrize("faults", [
+    "kill:ew1@step=4,layer=1; hang:aw0@step=8",  # SIGKILL an EW, later SIGSTOP an AW
+    "kill:aw1@step=5,layer=0; kill:ew0@step=5,layer=0",  # two at once
+])
+def test_signals_to_worker_processes_are_survived(faults):
+  engine = _serve(ProcessRuntime(slots=6), faults)
+  _check(engine)
+  declared = {ev["worker"] for ev in engine.timeline.of("declared_failed")}
+  assert declared == {f.worker for f in parse_faults(faults)}
+  joined = {ev["worker"] for ev in engine.timeline.of("replacement_joined")}
+  assert joined == declared  # each replaced by a new process on a spare slot
+
+
+def test_global_restart_restarts_every_worker_process():
+  engine = _serve(ProcessRuntime(slots=5), "kill:ew1@step=6", recovery="global_restart",
+                  snapshots=False)
+  _check(engine)
+  (restart,) = engine.recovery.restarts
+  assert restart["rebuild_s"] > 0 and restart["compile_s"] > 0
+  assert len(engine.runtime.workers) == 2 * 4  # four processes, then four new ones
