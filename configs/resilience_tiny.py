@@ -6,7 +6,9 @@ summary.json, timeline_*.jsonl and throughput.png under `workdir`:
 
   PYTHONPATH=. python -m experiments.resilience --config=configs/resilience_tiny.py
 
-Override any field, e.g. `--config.fault_at_s=3 --config.workload.rate=10`.
+Override any field, e.g. `--config.fault_at_s=3 --config.workload.rate=10`, or run every
+worker as its own process with `--config.runtime=process` (the throughput comparison then
+includes the local runtime).
 """
 
 import ml_collections
@@ -27,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.probe_interval_s = 0.01  # detection: probe a silent peer every 10 ms, as in the paper
   c.flush_interval_s = 0.2  # the snapshot store's durable tier
   c.warm_all_buckets = True  # compile every step length up front (False: decode + 16 only)
+  # "local": every worker in this process on its own device cell; "process": every worker its
+  # own OS process (faults are SIGKILL / SIGSTOP; the baseline restarts every process).
+  c.runtime = "local"
   # Failure runs: Poisson "Random" workload in real time, one fault at `fault_at_s`.
   c.workload = ml_collections.ConfigDict()
   c.workload.num_requests = 48

@@ -31,6 +31,7 @@ from tarragon_jax.checkpoint import save_checkpoint  # noqa: E402
 from tarragon_jax.mesh.cells import CellPlan  # noqa: E402
 from tarragon_jax.resilience.detector import DetectionConfig  # noqa: E402
 from tarragon_jax.resilience.faults import parse_faults  # noqa: E402
+from tarragon_jax.runtime.remote import ProcessRuntime  # noqa: E402
 from tarragon_jax.serving import workload as wl  # noqa: E402
 from tarragon_jax.serving.engine import Engine, EngineConfig, ResilienceConfig  # noqa: E402
 from tarragon_jax.serving.metrics import compile_count, stall_summary  # noqa: E402
@@ -43,14 +44,20 @@ _CACHE = flags.DEFINE_string(
 _BIN_S = 0.25
 
 
-def _engine(cd, cfg, params, weights_dir, recovery: str, snapshots: bool) -> Engine:
+def _engine(cd, cfg, params, weights_dir, recovery: str, snapshots: bool,
+            runtime: str | None = None) -> Engine:
   rc = ResilienceConfig(recovery=recovery, snapshots=snapshots, weights_dir=weights_dir,
                         flush_interval_s=cd.flush_interval_s,
                         detection=DetectionConfig(probe_interval_s=cd.probe_interval_s))
   plan = CellPlan(cd.num_aw, cd.num_ew)
+  runtime = runtime or cd.runtime
+  if runtime not in ("local", "process"):
+    raise ValueError(f"runtime={runtime!r}; use 'local' or 'process'")
   engine = Engine(cfg, params, EngineConfig(plan=plan, slots_per_aw=cd.slots_per_aw,
                                             shadows_per_expert=cd.shadows_per_expert,
-                                            resilience=rc))
+                                            resilience=rc),
+                  runtime=ProcessRuntime(slots=8, compile_cache=_CACHE.value)
+                  if runtime == "process" else None)
   engine.warm_up(None if cd.warm_all_buckets else [1, 16])  # before measuring
   return engine
 
@@ -90,6 +97,8 @@ def _throughput(cd, cfg, params, weights_dir) -> list[dict]:
   """Closed loop: every request at t=0; tokens/s of each variant, interleaved repetitions."""
   variants = {"snapshots_on": ("tarragon", True), "snapshots_off": ("tarragon", False),
               "global_restart": ("global_restart", False)}
+  if cd.runtime == "process":
+    variants["local_runtime"] = ("tarragon", True, "local")
   engines = {k: _engine(cd, cfg, params, weights_dir, *v) for k, v in variants.items()}
   rng = np.random.default_rng(cd.seed + 1)
   w = cd.workload
@@ -192,6 +201,10 @@ def _report(records: list[dict], cd) -> dict:
   print(f"fault-free throughput (median of {cd.reps}): snapshots on {med['snapshots_on']:.0f}, "
         f"off {med['snapshots_off']:.0f}, baseline {med['global_restart']:.0f} tok/s; "
         f"median per-repetition ratio on/off {on_off:.3f}, Tarragon/baseline {on_base:.3f}")
+  if "local_runtime" in tp:
+    ratio = float(np.median(np.divide(tp["snapshots_on"], tp["local_runtime"])))
+    print(f"process runtime / local runtime throughput: {ratio:.3f} (local "
+          f"{med['local_runtime']:.0f} tok/s)")
   return dict(runs=list(runs.values()), stall_ratios=ratios, throughput_median_tok_s=med,
               throughput_on_off=on_off, throughput_tarragon_baseline=on_base)
 
