@@ -267,8 +267,10 @@ class Engine(LayerExchange):
       return False
     seq = self.iteration
     self.seq_lens.add(T)
-    for a in list(live):
-      if self._call(self.aws[a], lambda w, a=a: w.begin(*batches[a][:3])) is None:
+    begun = self._call_all({a: (self.aws[a], lambda w, a=a: w.begin(*batches[a][:3]))
+                            for a in live})
+    for a, out in begun.items():
+      if out is None:
         self.recovery.aw_failed(a, 0)
         live.remove(a)
     capacity = self.engine_cfg.slots_per_aw * T * self.cfg.top_k
@@ -278,9 +280,9 @@ class Engine(LayerExchange):
       self.recovery.probe_idle()
       live = self.run_layer(layer, live, capacity)
     sampled = {}
-    for a in list(live):
-      out = self._call(self.aws[a], lambda w, a=a: w.sample(
-          *self._sampling_arrays(batches[a][3])))
+    outs = self._call_all({a: (self.aws[a], lambda w, a=a: w.sample(
+        *self._sampling_arrays(batches[a][3]))) for a in live})
+    for a, out in outs.items():
       if out is None:
         self.recovery.aw_failed(a, self.cfg.num_layers)
         live.remove(a)

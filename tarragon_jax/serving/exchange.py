@@ -27,38 +27,51 @@ class LayerExchange:
     left out (the EWs stop waiting for it at this layer).
     """
     num_ew, S = len(self.ews), self.placement.slots_per_layer
+    calls = {a: (self.aws[a], lambda w, a=a: w.attend(layer, self.active_tables[a], num_ew, S))
+             for a in live if self.slot_owner[a] is not None}  # (None: declared meanwhile)
     packed = {}
-    for a in live:
-      if self.slot_owner[a] is None:  # declared failed meanwhile (an idle probe)
-        continue
-      out = self._call(self.aws[a], lambda w, a=a: w.attend(layer, self.active_tables[a],
-                                                               num_ew, S))
+    for a, out in self._call_all(calls).items():
       if out is None:
         self.recovery.aw_failed(a, layer)
-        continue
-      packed[a] = out
+      else:
+        packed[a] = out
     return packed
 
   def _call(self, worker, fn):
-    """Calls a worker; None if it is dead or declared failed after staying silent.
+    """Calls a worker; None if it is dead or declared failed after staying silent."""
+    return self._call_all({0: (worker, fn)})[0]
 
-    A process runtime's reply (`Pending`) is waited for with the detector: a late reply is
+  def _call_all(self, calls: dict) -> dict:
+    """Calls workers ({key: (worker, fn)}) side by side, then collects each one's output.
+
+    An output is None if the worker is dead or was declared failed after staying silent. A
+    process runtime's reply (`Pending`) is waited for with the detector: a late reply is
     silence, and the peer is probed.
     """
-    since = time.perf_counter()
-    try:
-      out = fn(worker)
-    except WorkerDead:
-      self.detector.closed(worker, since)
-      return None
-    if hasattr(out, "arrived"):
-      if self.detector.wait({worker.name: (worker, out.arrived)}, since):
-        out.ignore()
-        return None
-      return out.result()
-    if out is None:  # silent: probed, and declared failed (a peer that answers is waited for)
-      self.detector.silent(worker, expected_since=since)
-    return out
+    started = {}
+    for key, (worker, fn) in calls.items():
+      since = time.perf_counter()
+      try:
+        started[key] = (worker, since, fn(worker))
+      except WorkerDead:
+        self.detector.closed(worker, since)
+        started[key] = None
+    results = {}
+    for key, item in started.items():
+      if item is None:
+        results[key] = None
+        continue
+      worker, since, out = item
+      if hasattr(out, "arrived"):
+        if self.detector.wait({worker.name: (worker, out.arrived)}, since):
+          out.ignore()
+          out = None
+        else:
+          out = out.result()
+      elif out is None:  # silent: probed, and declared failed (one that answers is waited for)
+        self.detector.silent(worker, expected_since=since)
+      results[key] = out
+    return results
 
   def send_to_experts(self, packed: dict[int, tuple], capacity: int) -> list[list | None]:
     """Buffers to the EWs; inbox[m][a] is AW a's (tokens, slots) for EW m (None: EW failed)."""
@@ -78,13 +91,9 @@ class LayerExchange:
 
     EWs that are dead or declared failed are missing from the result.
     """
-    results = {}
-    for m, ew in enumerate(self.ews):
-      if inbox[m] is not None:
-        out = self._call(ew, lambda w, m=m: w.run_layer(layer, inbox[m]))
-        if out is not None:
-          results[m] = out
-    return results
+    calls = {m: (ew, lambda w, m=m: w.run_layer(layer, inbox[m]))
+             for m, ew in enumerate(self.ews) if inbox[m] is not None}
+    return {m: out for m, out in self._call_all(calls).items() if out is not None}
 
   def send_to_attention(self, results: dict[int, tuple], aws: Iterable[int],
                         capacity: int) -> dict[int, list]:
@@ -98,8 +107,10 @@ class LayerExchange:
     return outbox
 
   def combine(self, layer: int, outbox: dict[int, list]):
-    for a, results in outbox.items():
-      if self._call(self.aws[a], lambda w, r=results: w.combine(layer, r)) is None:
+    calls = {a: (self.aws[a], lambda w, r=results: w.combine(layer, r))
+             for a, results in outbox.items()}
+    for a, out in self._call_all(calls).items():
+      if out is None:
         self.recovery.aw_failed(a, layer)
 
   def run_layer(self, layer: int, live: list[int], capacity: int) -> list[int]:
