@@ -86,3 +86,18 @@ def test_global_restart_restarts_every_worker_process():
   (restart,) = engine.recovery.restarts
   assert restart["rebuild_s"] > 0 and restart["compile_s"] > 0
   assert len(engine.runtime.workers) == 2 * 4  # four processes, then four new ones
+
+
+def test_soak_smoke_kills_and_stops_workers_and_loses_no_token(tmp_path):
+  import json  # noqa: PLC0415
+
+  from test_serve_launcher import _run  # noqa: PLC0415
+
+  out = _run("experiments.soak", "--config=configs/soak_tiny.py", f"--workdir={tmp_path}",
+             "--config.duration_s=12", "--config.fault_every_s=5", "--config.rate=3",
+             "--config.output_len=24", "--config.check_requests=8")
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["completed"] == summary["requests"] > 0, out
+  assert summary["faults"] == summary["declared"] == 2
+  assert summary["tokens_lost"] == 0 and summary["mismatches"] == 0
+  assert summary["sample_matches_reference"] is True

@@ -1,0 +1,106 @@
+"""Soak of the process runtime: random SIGKILL / SIGSTOP of random workers while serving.
+
+  PYTHONPATH=. python -m experiments.soak --config=configs/soak_tiny.py
+
+Every AW and EW is its own process. One fault per `fault_every_s` (a random worker, a random
+moment; SIGSTOP for `hang_fraction` of them, else SIGKILL; the slot comes back, as after a
+process crash) while a Poisson workload arrives for `duration_s`. Reports requests completed,
+tokens lost (must be 0), duplicates dropped, stall statistics per failure, and whether a sample
+of requests matches the single-device greedy reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 1)  # the driver computes nothing; workers do
+
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import tarragon_jax as tj  # noqa: E402
+from tarragon_jax import launch_config  # noqa: E402
+from tarragon_jax.mesh.cells import CellPlan  # noqa: E402
+from tarragon_jax.resilience.faults import Fault  # noqa: E402
+from tarragon_jax.runtime.remote import ProcessRuntime  # noqa: E402
+from tarragon_jax.serving import workload as wl  # noqa: E402
+from tarragon_jax.serving.engine import Engine, EngineConfig  # noqa: E402
+from tarragon_jax.serving.metrics import stall_summary  # noqa: E402
+from tarragon_jax.serving.reference import reference_greedy  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/soak_tiny.py", "Config.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default: the config's workdir.")
+_CACHE = flags.DEFINE_string(
+    "compile_cache", launch_config.DEFAULT_COMPILE_CACHE,
+    "Persistent compilation cache directory ('' = off).")
+
+
+def schedule(cd, rng) -> list[Fault]:
+  workers = [f"aw{i}" for i in range(cd.num_aw)] + [f"ew{i}" for i in range(cd.num_ew)]
+  faults = []
+  for k in range(int(cd.duration_s // cd.fault_every_s)):
+    t = (k + rng.uniform(0.2, 0.8)) * cd.fault_every_s
+    kind = "hang" if rng.uniform() < cd.hang_fraction else "kill"
+    faults.append(Fault(str(rng.choice(workers)), kind, time_s=float(t), lost_device=-1))
+  return faults
+
+
+def main(argv):
+  del argv
+  cd = _CONFIG.value
+  launch_config.enable_compile_cache(_CACHE.value)
+  workdir = launch_config.make_workdir(_WORKDIR.value or cd.workdir)
+  cfg = launch_config.model_config(cd)
+  params = tj.init_params(cfg, jax.random.key(cd.seed))
+  rng = np.random.default_rng(cd.seed)
+  n = max(1, int(cd.rate * cd.duration_s))
+  work = wl.make_workload("random", cfg, num_requests=n, rate=cd.rate, seed=cd.seed,
+                          prompt_len=cd.prompt_len, output_len=cd.output_len)
+  engine = Engine(cfg, params, EngineConfig(plan=CellPlan(cd.num_aw, cd.num_ew),
+                                            slots_per_aw=cd.slots_per_aw,
+                                            shadows_per_expert=cd.shadows_per_expert),
+                  runtime=ProcessRuntime(slots=cd.slots, compile_cache=_CACHE.value))
+  try:
+    engine.warm_up([1, 16])
+    faults = schedule(cd, rng)
+    engine.arm_faults(faults)
+    logging.info("soak: %d requests over %.0f s, %d faults", n, cd.duration_s, len(faults))
+    result = wl.replay(engine, work, timeout_s=cd.duration_s * 4 + 120)
+    engine.recovery.wait_for_replacements()
+  finally:
+    engine.close()
+
+  outputs = [engine.tokens(r) for r in result.ids]
+  lost = sum(r.max_new_tokens - len(o) for (_, r), o in zip(work, outputs))
+  duplicates = sum(engine.streams[r].duplicates for r in result.ids)
+  mismatches = sum(len(engine.streams[r].mismatches) for r in result.ids)
+  events = result.events(engine)
+  stalls = [dict(worker=f["worker"], kind=f["kind"], **stall_summary(events, f["t"]))
+            for f in engine.timeline.of("fault")]
+  sample = sorted(rng.choice(len(work), min(cd.check_requests, len(work)), replace=False))
+  expected = reference_greedy(params, cfg, [work[i][1].prompt for i in sample],
+                              [work[i][1].max_new_tokens for i in sample])
+  match = all(outputs[i] == want for i, want in zip(sample, expected))
+  engine.timeline.write_jsonl(os.path.join(workdir, "timeline.jsonl"), result.start)
+  launch_config.write_jsonl(os.path.join(workdir, "results.jsonl"), stalls)
+  gaps = [s["max_request_gap_s"] for s in stalls if s["in_flight"]]
+  summary = dict(result.summary(engine), faults=len(stalls),
+                 declared=len(engine.timeline.of("declared_failed")),
+                 replacements=len(engine.timeline.of("replacement_joined")),
+                 tokens_lost=lost, duplicates_dropped=duplicates, mismatches=mismatches,
+                 sample_matches_reference=match, sample_size=len(sample),
+                 max_request_gap_s_median=float(np.median(gaps)) if gaps else None,
+                 max_request_gap_s_max=max(gaps, default=None))
+  launch_config.write_summary(workdir, summary, cd)
+  print(f"soak: {summary['completed']}/{summary['requests']} requests, {len(stalls)} faults "
+        f"({summary['declared']} declared, {summary['replacements']} replacements), tokens "
+        f"lost {lost}, duplicates dropped {duplicates}, mismatches {mismatches}; max request "
+        f"gap per failure: median {summary['max_request_gap_s_median']}, max "
+        f"{summary['max_request_gap_s_max']} s; sample == reference: {match} -> {workdir}")
+
+
+if __name__ == "__main__":
+  app.run(main)
