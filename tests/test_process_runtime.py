@@ -7,10 +7,12 @@ Every request completes with the tokens of the local runtime, each index deliver
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import numpy as np
 import pytest
+from test_serve_launcher import _run
 
 import tarragon_jax as tj
 from tarragon_jax.mesh.cells import CellPlan
@@ -89,10 +91,6 @@ def test_global_restart_restarts_every_worker_process():
 
 
 def test_soak_smoke_kills_and_stops_workers_and_loses_no_token(tmp_path):
-  import json  # noqa: PLC0415
-
-  from test_serve_launcher import _run  # noqa: PLC0415
-
   out = _run("experiments.soak", "--config=configs/soak_tiny.py", f"--workdir={tmp_path}",
              "--config.duration_s=12", "--config.fault_every_s=5", "--config.rate=3",
              "--config.output_len=24", "--config.check_requests=8")

@@ -209,6 +209,7 @@ class Recovery:
         recomputed_token_layers=sum(r["token_layers"] for r in restores),
         uncommitted_tail_tokens=sum(r["uncommitted_tail"] for r in restores),
         table_epoch=self.e.table.epoch,
+        snapshot_bytes_in=0 if self.e.store is None else self.e.store.bytes_in,
     )
 
 

@@ -56,7 +56,6 @@ class SnapshotStore(FaultDomain):
     self.log: dict[int, collections.deque] = {}
     self._lock = threading.Lock()
     self.enqueued = self.processed = 0
-    self.commit_records = 0
     self.bytes_in = 0
     self._oldest_pending: float | None = None
     self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -191,7 +190,6 @@ class SnapshotStore(FaultDomain):
           kv.committed = record[rid] = start + n  # all L layers are in: the commit record
           self.bytes_in += k[:, slot, :n].nbytes + v[:, slot, :n].nbytes
         self.log.setdefault(aw, collections.deque(maxlen=1024)).append((seq, record))
-        self.commit_records += 1
     elif kind == "base":
       _, rows, k, v = item
       k, v = np.asarray(k), np.asarray(v)

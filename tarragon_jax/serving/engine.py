@@ -37,6 +37,7 @@ from tarragon_jax.resilience.placement import place
 from tarragon_jax.resilience.routing_table import RoutingTable
 from tarragon_jax.resilience.timeline import Timeline
 from tarragon_jax.runtime.local import LocalRuntime, wait
+from tarragon_jax.serving.buckets import all_buckets, bucket
 from tarragon_jax.serving.engine_config import EngineConfig, ResilienceConfig
 from tarragon_jax.serving.exchange import LayerExchange
 from tarragon_jax.serving.metrics import TokenEvent, latency_summary
@@ -209,10 +210,7 @@ class Engine(LayerExchange):
 
   def bucket(self, n: int) -> int:
     """The padded step length of a prompt of n tokens."""
-    b = self.engine_cfg.min_prefill_bucket
-    while b < n:
-      b *= 2
-    return min(b, self.cfg.max_seq_len)
+    return bucket(n, self.engine_cfg.min_prefill_bucket, self.cfg.max_seq_len)
 
   def _batches(self):
     """Per-AW (tokens, n_new, fresh, rows) for this iteration, or None for an idle AW."""
@@ -353,11 +351,7 @@ class Engine(LayerExchange):
       raise RuntimeError("Engine.warm_up: call it before requests are placed (it empties the "
                          "KV slots)")
     if seq_lens is None:
-      seq_lens, b = {1}, self.engine_cfg.min_prefill_bucket
-      while b < self.cfg.max_seq_len:
-        seq_lens.add(b)
-        b *= 2
-      seq_lens.add(self.cfg.max_seq_len)
+      seq_lens = [1] + all_buckets(self.engine_cfg.min_prefill_bucket, self.cfg.max_seq_len)
     self.seq_lens |= set(seq_lens)
     self.warm_workers(self.aws + self.ews)
     # Hot spares: compile on the spare devices too, so a replacement built there after a

@@ -15,10 +15,7 @@ from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.kv_cache import KVCache
 from tarragon_jax.layers.params import ModelParams
 from tarragon_jax.layers.transformer import extend
-
-
-def _bucket(n: int) -> int:
-  return 1 << max(n - 1, 0).bit_length()
+from tarragon_jax.serving.buckets import bucket
 
 
 def reference_greedy(params: ModelParams, cfg: ModelConfig, prompts: Iterable[Sequence[int]],
@@ -42,7 +39,8 @@ def reference_greedy(params: ModelParams, cfg: ModelConfig, prompts: Iterable[Se
   slot = jnp.zeros((1,), jnp.int32)
   for prompt, limit in zip(prompts, limits):
     cache = jax.device_put(KVCache.create(cfg, 1), device)
-    padded = np.zeros((1, _bucket(len(prompt))), np.int32)  # one compile per bucket, not length
+    # One compile per power-of-two bucket, not per prompt length.
+    padded = np.zeros((1, bucket(len(prompt), 1, cfg.max_seq_len)), np.int32)
     padded[0, :len(prompt)] = prompt
     logits, cache = extend(params, cfg, cache, jnp.asarray(padded), slot,
                            jnp.asarray([len(prompt)], jnp.int32))

@@ -22,19 +22,14 @@ from tarragon_jax.mesh.transfer import Transfers
 from tarragon_jax.resilience.fault_domain import FaultDomain
 from tarragon_jax.resilience.placement import Placement
 from tarragon_jax.serving import datapath
+from tarragon_jax.serving.buckets import all_buckets, bucket
+
+RESTORE_BUCKET = 16  # a restore pads the KV it writes to a bucket of at least this many tokens
 
 
 @jax.jit
 def _reset_lengths(cache: KVCache, fresh) -> KVCache:
   return dataclasses.replace(cache, lengths=jnp.where(fresh, 0, cache.lengths))
-
-
-def restore_bucket(n: int, max_len: int, minimum: int = 16) -> int:
-  """Restores pad to power-of-two lengths so that each bucket compiles once."""
-  b = minimum
-  while b < n:
-    b *= 2
-  return min(b, max_len)
 
 
 class AttentionWorker(FaultDomain):
@@ -142,7 +137,7 @@ class AttentionWorker(FaultDomain):
     if not self._serving():
       return 0
     n = k.shape[1]
-    P = restore_bucket(n, self.cache.max_len)
+    P = bucket(n, RESTORE_BUCKET, self.cache.max_len)
     pad = ((0, 0), (0, P - n), (0, 0), (0, 0))
     kp, vp, slot_d, n_d = self.put((np.pad(k, pad), np.pad(v, pad), np.int32(slot), np.int32(n)))
     self.cache = datapath.aw_restore(self.cache, slot_d, kp, vp, n_d)
@@ -172,15 +167,11 @@ class AttentionWorker(FaultDomain):
       zeros = np.zeros((B,), np.int32)
       self.sample(np.zeros((B, 2), np.uint32), zeros, zeros.astype(np.float32),
                   np.ones((B,), np.float32))
-    P = restore_bucket(1, self.cache.max_len)
-    while True:  # restores into slot 0 with length 0: nothing changes
+    for P in all_buckets(RESTORE_BUCKET, self.cache.max_len):  # into slot 0, length 0
       k = np.zeros((self.cfg.num_layers, P, self.cfg.num_kv_heads, self.cfg.head_dim),
                    self.cfg.dtype)
       kp, vp, slot, n = self.put((k, k, np.int32(0), np.int32(0)))
       self.cache = datapath.aw_restore(self.cache, slot, kp, vp, n)
-      if P >= self.cache.max_len:
-        break
-      P = restore_bucket(P + 1, self.cache.max_len)
     self.cache.lengths.block_until_ready()
 
 

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import numpy as np
 
 from tarragon_jax.config import ModelConfig
+from tarragon_jax.serving.buckets import all_buckets, bucket
 from tarragon_jax.serving.metrics import TokenEvent, latency_summary
 from tarragon_jax.serving.requests import Request
 
@@ -147,19 +148,9 @@ def prefill_lengths(work: Workload, min_bucket: int, max_seq_len: int) -> list[i
   of its longest prompt, so any bucket between those of the shortest and longest prompts can
   occur. Each returned length falls in one of those buckets and leaves room for one decode step.
   """
-  def bucket(n: int) -> int:
-    b = min_bucket
-    while b < n:
-      b *= 2
-    return min(b, max_seq_len)
-
   lens = [len(r.prompt) for _, r in work]
-  out, b = [], bucket(min(lens))
-  while True:
-    out.append(min(b, max_seq_len - 1))
-    if b >= bucket(max(lens)):
-      return out
-    b = bucket(b + 1)
+  lo, hi = (bucket(n, min_bucket, max_seq_len) for n in (min(lens), max(lens)))
+  return [min(b, max_seq_len - 1) for b in all_buckets(min_bucket, max_seq_len) if lo <= b <= hi]
 
 
 def warm_up(engine, work: Workload) -> int:
