@@ -14,6 +14,7 @@ includes the local runtime).
 import ml_collections
 
 from configs import tiny
+from tarragon_jax import launch_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -29,9 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.probe_interval_s = 0.01  # detection: probe a silent peer every 10 ms, as in the paper
   c.flush_interval_s = 0.2  # the snapshot store's durable tier
   c.warm_all_buckets = True  # compile every step length up front (False: decode + 16 only)
-  # "local": every worker in this process on its own device cell; "process": every worker its
-  # own OS process (faults are SIGKILL / SIGSTOP; the baseline restarts every process).
-  c.runtime = "local"
+  launch_config.add_runtime_fields(c)  # runtime = "local" | "process" | "cluster", ...
   # Failure runs: Poisson "Random" workload in real time, one fault at `fault_at_s`.
   c.workload = ml_collections.ConfigDict()
   c.workload.num_requests = 48

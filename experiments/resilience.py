@@ -44,28 +44,24 @@ _CACHE = flags.DEFINE_string(
 _BIN_S = 0.25
 
 
-def _engine(cd, cfg, params, weights_dir, recovery: str, snapshots: bool,
-            runtime: str | None = None) -> Engine:
+def _engine(cd, cfg, params, weights_dir, recovery: str, snapshots: bool, spawner) -> Engine:
+  """An engine on this process's devices (`spawner` None) or on worker processes."""
   rc = ResilienceConfig(recovery=recovery, snapshots=snapshots, weights_dir=weights_dir,
                         flush_interval_s=cd.flush_interval_s,
                         detection=DetectionConfig(probe_interval_s=cd.probe_interval_s))
   plan = CellPlan(cd.num_aw, cd.num_ew)
-  runtime = runtime or cd.runtime
-  if runtime not in ("local", "process"):
-    raise ValueError(f"runtime={runtime!r}; use 'local' or 'process'")
   engine = Engine(cfg, params, EngineConfig(plan=plan, slots_per_aw=cd.slots_per_aw,
                                             shadows_per_expert=cd.shadows_per_expert,
                                             resilience=rc),
-                  runtime=ProcessRuntime(slots=8, compile_cache=_CACHE.value)
-                  if runtime == "process" else None)
+                  runtime=None if spawner is None else ProcessRuntime(spawner, _CACHE.value))
   engine.warm_up(None if cd.warm_all_buckets else [1, 16])  # before measuring
   return engine
 
 
 def _failure_run(name, cd, cfg, params, weights_dir, work, reference, recovery, fault, workdir,
-                 snapshots=True):
+                 spawner, snapshots=True):
   engine = _engine(cd, cfg, params, weights_dir, recovery,
-                   snapshots=snapshots and recovery == "tarragon")
+                   snapshots and recovery == "tarragon", spawner)
   engine.arm_faults(parse_faults(f"{fault}@t={cd.fault_at_s}") if fault else ())
   compiles = compile_count()
   result = wl.replay(engine, work)
@@ -93,12 +89,13 @@ def _failure_run(name, cd, cfg, params, weights_dir, work, reference, recovery, 
   return record, outputs, times
 
 
-def _throughput(cd, cfg, params, weights_dir) -> list[dict]:
+def _throughput(cd, cfg, params, weights_dir, spawner) -> list[dict]:
   """Closed loop: every request at t=0; tokens/s of each variant, interleaved repetitions."""
-  variants = {"snapshots_on": ("tarragon", True), "snapshots_off": ("tarragon", False),
-              "global_restart": ("global_restart", False)}
-  if cd.runtime == "process":
-    variants["local_runtime"] = ("tarragon", True, "local")
+  variants = {"snapshots_on": ("tarragon", True, spawner),
+              "snapshots_off": ("tarragon", False, spawner),
+              "global_restart": ("global_restart", False, spawner)}
+  if spawner is not None:
+    variants["local_runtime"] = ("tarragon", True, None)
   engines = {k: _engine(cd, cfg, params, weights_dir, *v) for k, v in variants.items()}
   rng = np.random.default_rng(cd.seed + 1)
   w = cd.workload
@@ -130,9 +127,27 @@ def main(argv):
   work = wl.make_workload("random", cfg, num_requests=w.num_requests, rate=w.rate, seed=cd.seed,
                           prompt_len=w.prompt_len, output_len=w.output_len)
 
+  spawner = launch_config.make_spawner(cd)
+  try:
+    records, series = _runs(cd, cfg, params, weights_dir, work, workdir, spawner)
+  finally:
+    if spawner is not None:
+      spawner.close()
+  launch_config.write_jsonl(os.path.join(workdir, "results.jsonl"), records)
+  plot = launch_config.save_line_plot(
+      os.path.join(workdir, "throughput.png"), series, xlabel="time since start (s)",
+      ylabel="output tokens/s", title=f"failure at t = {cd.fault_at_s} s")
+  summary = _report(records, cd)
+  summary["plot"] = plot
+  launch_config.write_summary(workdir, summary, cd)
+  print(f"-> {workdir}")
+
+
+def _runs(cd, cfg, params, weights_dir, work, workdir, spawner):
+  """The fault-free pass, the four failure runs and the throughput repetitions."""
   records, series = [], {}
   base, outputs, _ = _failure_run("fault_free", cd, cfg, params, weights_dir, work, None,
-                                  "tarragon", "", workdir)
+                                  "tarragon", "", workdir, spawner)
   records.append(base)
   runs = [("tarragon_aw", "tarragon", cd.aw_fault, True),
           ("tarragon_aw_no_snapshots", "tarragon", cd.aw_fault, False),
@@ -142,20 +157,12 @@ def main(argv):
   for name, recovery, fault, snapshots in runs:
     logging.info("run %s (%s at t=%.1f s)", name, fault, cd.fault_at_s)
     rec, _, times = _failure_run(name, cd, cfg, params, weights_dir, work, outputs, recovery,
-                                 fault, workdir, snapshots)
+                                 fault, workdir, spawner, snapshots)
     records.append(rec)
     counts, edges = np.histogram(times, bins=np.arange(0.0, times.max() + 2 * _BIN_S, _BIN_S))
     series[name] = (list(edges[:-1]), list(counts / _BIN_S))
-  records += _throughput(cd, cfg, params, weights_dir)
-
-  launch_config.write_jsonl(os.path.join(workdir, "results.jsonl"), records)
-  plot = launch_config.save_line_plot(
-      os.path.join(workdir, "throughput.png"), series, xlabel="time since start (s)",
-      ylabel="output tokens/s", title=f"failure at t = {cd.fault_at_s} s")
-  summary = _report(records, cd)
-  summary["plot"] = plot
-  launch_config.write_summary(workdir, summary, cd)
-  print(f"-> {workdir}")
+  records += _throughput(cd, cfg, params, weights_dir, spawner)
+  return records, series
 
 
 def _report(records: list[dict], cd) -> dict:

@@ -29,6 +29,7 @@ from tarragon_jax import launch_config  # noqa: E402
 from tarragon_jax.mesh.cells import CellPlan  # noqa: E402
 from tarragon_jax.resilience.detector import DetectionConfig  # noqa: E402
 from tarragon_jax.resilience.faults import parse_faults  # noqa: E402
+from tarragon_jax.runtime.remote import ProcessRuntime  # noqa: E402
 from tarragon_jax.serving import workload as wl  # noqa: E402
 from tarragon_jax.serving.engine import Engine, EngineConfig, ResilienceConfig  # noqa: E402
 from tarragon_jax.serving.metrics import compile_count, stall_summary  # noqa: E402
@@ -58,14 +59,38 @@ def main(argv):
     cfg = launch_config.model_config(cd)
     params = tj.init_params(cfg, jax.random.key(cd.seed))
   plan = CellPlan(cd.num_aw, cd.num_ew, cd.devices_per_aw, cd.devices_per_ew)
-  resilience = ResilienceConfig(recovery=cd.recovery, snapshots=cd.snapshots,
-                                detection=DetectionConfig(probe_interval_s=cd.probe_interval_s))
-  engine = Engine(cfg, params, EngineConfig(plan=plan, slots_per_aw=cd.slots_per_aw,
-                                            shadows_per_expert=cd.shadows_per_expert,
-                                            min_prefill_bucket=cd.min_prefill_bucket,
-                                            resilience=resilience))
   faults = parse_faults(cd.faults)  # a bad schedule fails here, before any work
+  resilience = ResilienceConfig(recovery=cd.recovery, snapshots=cd.snapshots,
+                                weights_dir=_weights_dir(cd, cfg, params),
+                                detection=DetectionConfig(probe_interval_s=cd.probe_interval_s))
+  spawner = launch_config.make_spawner(cd)
+  try:
+    engine = Engine(cfg, params, EngineConfig(plan=plan, slots_per_aw=cd.slots_per_aw,
+                                              shadows_per_expert=cd.shadows_per_expert,
+                                              min_prefill_bucket=cd.min_prefill_bucket,
+                                              resilience=resilience),
+                    runtime=None if spawner is None else ProcessRuntime(spawner, _CACHE.value))
+    _serve(cd, cfg, params, engine, faults, workdir, compiles_at_start)
+  finally:
+    if spawner is not None:
+      spawner.close()
 
+
+def _weights_dir(cd, cfg, params) -> str | None:
+  """Where worker processes read the weights: --checkpoint, else a copy written to
+  `cd.weights_dir` (which every host must be able to read), else a scratch copy (None)."""
+  if _CHECKPOINT.value:
+    return _CHECKPOINT.value
+  if not cd.weights_dir:
+    return None
+  if os.path.exists(cd.weights_dir) and os.listdir(cd.weights_dir):
+    raise ValueError(f"weights_dir={cd.weights_dir!r} is not empty; remove it, or pass it as "
+                     f"--checkpoint to serve the checkpoint it holds")
+  return os.path.dirname(tj.save_checkpoint(cd.weights_dir, params, cfg))
+
+
+def _serve(cd, cfg, params, engine, faults, workdir, compiles_at_start):
+  """Warm-up, the real-time run, the reference check and the result files."""
   w = cd.workload
   lengths = (dict(prompt_len=w.prompt_len, output_len=w.output_len) if w.kind == "random" else
              dict(scale=w.length_scale, sigma=w.length_sigma))

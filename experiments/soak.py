@@ -2,11 +2,11 @@
 
   PYTHONPATH=. python -m experiments.soak --config=configs/soak_tiny.py
 
-Every AW and EW is its own process. One fault per `fault_every_s` (a random worker, a random
-moment; SIGSTOP for `hang_fraction` of them, else SIGKILL; the slot comes back, as after a
-process crash) while a Poisson workload arrives for `duration_s`. Reports requests completed,
-tokens lost (must be 0), duplicates dropped, stall statistics per failure, and whether a sample
-of requests matches the single-device greedy reference.
+Every AW, EW and the snapshot store is its own process. One fault per `fault_every_s` (a random
+worker or the store, a random moment; SIGSTOP for `hang_fraction` of them, else SIGKILL; the
+slot comes back, as after a process crash) while a Poisson workload arrives for `duration_s`.
+Reports requests completed, tokens lost (must be 0), duplicates dropped, stall statistics per
+failure, and whether a sample of requests matches the single-device greedy reference.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from tarragon_jax import launch_config  # noqa: E402
 from tarragon_jax.mesh.cells import CellPlan  # noqa: E402
 from tarragon_jax.resilience.faults import Fault  # noqa: E402
 from tarragon_jax.runtime.remote import ProcessRuntime  # noqa: E402
+from tarragon_jax.runtime.spawner import LocalSpawner  # noqa: E402
 from tarragon_jax.serving import workload as wl  # noqa: E402
 from tarragon_jax.serving.engine import Engine, EngineConfig  # noqa: E402
 from tarragon_jax.serving.metrics import stall_summary  # noqa: E402
@@ -39,7 +40,8 @@ _CACHE = flags.DEFINE_string(
 
 
 def schedule(cd, rng) -> list[Fault]:
-  workers = [f"aw{i}" for i in range(cd.num_aw)] + [f"ew{i}" for i in range(cd.num_ew)]
+  workers = ([f"aw{i}" for i in range(cd.num_aw)] + [f"ew{i}" for i in range(cd.num_ew)]
+             + ["store"])
   faults = []
   for k in range(int(cd.duration_s // cd.fault_every_s)):
     t = (k + rng.uniform(0.2, 0.8)) * cd.fault_every_s
@@ -62,7 +64,7 @@ def main(argv):
   engine = Engine(cfg, params, EngineConfig(plan=CellPlan(cd.num_aw, cd.num_ew),
                                             slots_per_aw=cd.slots_per_aw,
                                             shadows_per_expert=cd.shadows_per_expert),
-                  runtime=ProcessRuntime(slots=cd.slots, compile_cache=_CACHE.value))
+                  runtime=ProcessRuntime(LocalSpawner(cd.slots), _CACHE.value))
   try:
     engine.warm_up([1, 16])
     faults = schedule(cd, rng)

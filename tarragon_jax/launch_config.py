@@ -126,3 +126,36 @@ def enable_compile_cache(path: str | None):
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+RUNTIMES = ("local", "process", "cluster")
+
+
+def add_runtime_fields(c: ml_collections.ConfigDict, runtime: str = "local", slots: int = 8):
+  """Adds the fields that choose where workers run (`make_runtime` reads them)."""
+  # "local": every worker in this process on its own device cell; "process": every worker its
+  # own OS process on this host (faults are SIGKILL / SIGSTOP; the baseline restarts every
+  # process); "cluster": worker processes on the hosts whose agents register at `listen`
+  # (`python -m tarragon_jax.launch --orchestrator=THIS_HOST:PORT --slots=N` on each host).
+  c.runtime = runtime
+  c.slots = slots  # process: worker processes on this host at once (one device each)
+  c.platform = "cpu"  # process: the workers' JAX platform ("cuda": one GPU per process)
+  c.listen = "0.0.0.0:7000"  # cluster: where the registry listens (PORT and PORT+1)
+  c.hosts = 2  # cluster: how many host agents to wait for
+  c.weights_dir = ""  # cluster: an orbax checkpoint every host can read ("" = a scratch copy)
+
+
+def make_spawner(cd: ml_collections.ConfigDict):
+  """What starts worker processes for a launcher config: None for the local runtime. One
+  spawner serves every engine of a run (`ProcessRuntime(spawner, cache)` each); close it at the
+  end (a cluster's agents exit then)."""
+  from tarragon_jax.runtime.cluster import AgentSpawner
+  from tarragon_jax.runtime.spawner import LocalSpawner
+
+  if cd.runtime not in RUNTIMES:
+    raise ValueError(f"runtime={cd.runtime!r}; use one of {RUNTIMES}")
+  if cd.runtime == "local":
+    return None
+  if cd.runtime == "process":
+    return LocalSpawner(cd.slots, cd.platform)
+  return AgentSpawner(cd.listen, cd.hosts)

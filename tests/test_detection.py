@@ -74,9 +74,9 @@ def test_fault_schedule_parses_and_fires_once():
   assert faults[2].when == "recovery" and faults[3].kind == "restart"
   assert faults[4].lost_device == -1
   inj = FaultInjector(faults[:1])
-  assert inj.due(6, 0, 0.0, False, False, 0.0) == []
-  assert inj.due(6, 1, 0.0, False, False, 0.0) == [faults[0]]
-  assert inj.due(7, 0, 0.0, False, False, 0.0) == []
+  assert inj.due(6, 0, 0.0, lambda: False, False, 0.0) == []
+  assert inj.due(6, 1, 0.0, lambda: False, False, 0.0) == [faults[0]]
+  assert inj.due(7, 0, 0.0, lambda: False, False, 0.0) == []
 
 
 @pytest.mark.parametrize("spec, match", [

@@ -18,6 +18,7 @@ import tarragon_jax as tj
 from tarragon_jax.mesh.cells import CellPlan
 from tarragon_jax.resilience.faults import parse_faults
 from tarragon_jax.runtime.remote import ProcessRuntime
+from tarragon_jax.runtime.spawner import LocalSpawner
 from tarragon_jax.serving.engine import Engine, EngineConfig, ResilienceConfig
 from tarragon_jax.serving.requests import Request
 
@@ -63,9 +64,22 @@ def _check(engine: Engine):
 
 
 def test_worker_processes_give_the_local_runtimes_tokens():
-  engine = _serve(ProcessRuntime(slots=5))
+  engine = _serve(ProcessRuntime(LocalSpawner(5)))
   _check(engine)
-  assert all(w.proc.poll() is not None for w in engine.runtime.workers)  # all exited
+  children = [w.child for w in engine.runtime.workers] + [s.child for s in engine.runtime.stores]
+  assert len(engine.runtime.stores) == 1 and not any(c.alive() for c in children)  # all exited
+
+
+@pytest.mark.parametrize("store_fault", ["kill", "hang"])
+def test_a_failed_store_process_is_replaced_and_later_restores_use_the_new_one(store_fault):
+  engine = _serve(ProcessRuntime(LocalSpawner(5)),
+                  f"{store_fault}:store@step=3; kill:aw0@step=9,layer=1")
+  _check(engine)
+  declared = [ev["worker"] for ev in engine.timeline.of("declared_failed")]
+  assert declared == ["store", "aw0"]
+  assert len(engine.runtime.stores) == 2  # the standby process took over
+  restores = [r for r in engine.recovery.restores if r["had"] > 0]
+  assert restores and all(r["mode"] == "restore" and r["restored"] > 0 for r in restores)
 
 
 @pytest.mark.parametrize("faults", [
@@ -73,7 +87,7 @@ def test_worker_processes_give_the_local_runtimes_tokens():
     "kill:aw1@step=5,layer=0; kill:ew0@step=5,layer=0",  # two at once
 ])
 def test_signals_to_worker_processes_are_survived(faults):
-  engine = _serve(ProcessRuntime(slots=6), faults)
+  engine = _serve(ProcessRuntime(LocalSpawner(6)), faults)
   _check(engine)
   declared = {ev["worker"] for ev in engine.timeline.of("declared_failed")}
   assert declared == {f.worker for f in parse_faults(faults)}
@@ -82,7 +96,7 @@ def test_signals_to_worker_processes_are_survived(faults):
 
 
 def test_global_restart_restarts_every_worker_process():
-  engine = _serve(ProcessRuntime(slots=5), "kill:ew1@step=6", recovery="global_restart",
+  engine = _serve(ProcessRuntime(LocalSpawner(5)), "kill:ew1@step=6", recovery="global_restart",
                   snapshots=False)
   _check(engine)
   (restart,) = engine.recovery.restarts

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 
 KINDS = ("kill", "hang", "restart")
 CONDITIONS = ("flush", "recovery")
@@ -46,13 +47,14 @@ class Fault:
     if self.step is None and self.time_s is None and self.when is None:
       raise ValueError(f"Fault on {self.worker}: give step=, t= or when= (when should it fire?)")
 
-  def due(self, step: int, layer: int, elapsed_s: float, flushing: bool, recovering: bool
-          ) -> bool:
+  def due(self, step: int, layer: int, elapsed_s: float, flushing: Callable[[], bool],
+          recovering: bool) -> bool:
+    """Whether the fault fires now; `flushing` is asked only for a `when=flush` fault."""
     if self.step is not None and (step, layer) < (self.step, self.layer):
       return False
     if self.time_s is not None and elapsed_s < self.time_s:
       return False
-    if self.when == "flush" and not flushing:
+    if self.when == "flush" and not flushing():
       return False
     if self.when == "recovery" and not recovering:
       return False
@@ -90,8 +92,8 @@ class FaultInjector:
     self.pending = list(faults)
     self.fired: list[tuple[Fault, float]] = []
 
-  def due(self, step: int, layer: int, elapsed_s: float, flushing: bool, recovering: bool,
-          now: float) -> list[Fault]:
+  def due(self, step: int, layer: int, elapsed_s: float, flushing: Callable[[], bool],
+          recovering: bool, now: float) -> list[Fault]:
     out = [f for f in self.pending if f.due(step, layer, elapsed_s, flushing, recovering)]
     for f in out:
       self.pending.remove(f)

@@ -80,7 +80,7 @@ class GlobalRestart(Recovery):
       if w is not None:
         self.fence(w)
     if e.store is not None:
-      e.store.kill()
+      e.store.stop()
     e.active_tables = []
     phase("teardown_s")
     jax.clear_caches()  # 2. every compiled executable

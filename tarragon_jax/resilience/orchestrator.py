@@ -102,10 +102,11 @@ class Recovery:
   # -- the snapshot store ----------------------------------------------------------------------
 
   def new_store(self) -> SnapshotStore:
+    """A new store (a thread here, or a process in the process runtime), its own directory."""
     e, rc = self.e, self.e.engine_cfg.resilience
     self._store_gen += 1
-    return SnapshotStore(e.cfg, os.path.join(e.store_dir, f"gen{self._store_gen}"),
-                         rc.flush_interval_s)
+    return e.runtime.new_store(e.cfg, os.path.join(e.store_dir, f"gen{self._store_gen}"),
+                               rc.flush_interval_s, rc.detection)
 
   def watch_store(self):
     """Declares a store failed that stopped draining its queue and does not answer probes."""
@@ -127,7 +128,7 @@ class Recovery:
     e = self.e
     if e.store is None:
       return
-    e.store.kill()
+    e.store.stop()
     e.store = None
     e.timeline.add("store_failed", step=e.iteration)
     if e.engine_cfg.resilience.replace_store:
@@ -140,7 +141,7 @@ class Recovery:
                                                  and e.store.health is Health.ALIVE):
       return
     if e.store is not None:
-      e.store.kill()
+      e.store.stop()
     e.store = self.new_store()
     self._base_pending = True
     e.timeline.add("store_started", step=e.iteration)

@@ -3,12 +3,13 @@
 An `Endpoint` is a worker's inbox: a ROUTER socket for requests, and a second socket that
 nobody reads, for probes. A `Connection` is one client's link to one endpoint: requests carry
 an id and wait with a deadline (`result` returns None when the reply is late: the caller
-decides whether to probe), and `probe` reports whether the peer answers ZeroMQ's own heartbeats
-(ZMTP PING/PONG) on the probe connection. Heartbeats are answered by libzmq's I/O thread, not
-by Python, so a worker that is busy compiling (holding the GIL) still answers, while a stopped
-(SIGSTOP) or killed (SIGKILL) one does not: the probe connection is dropped after
-`heartbeat_timeout_s` (at once for a kill) and probes fail until it is back. The request
-connection has no heartbeat timeout: dropping it would lose the replies in flight.
+decides whether to probe; a `Pending` holds one reply to come), and `probe` reports whether the
+peer answers ZeroMQ's own heartbeats (ZMTP PING/PONG) on the probe connection. Heartbeats are
+answered by libzmq's I/O thread, not by Python, so a worker that is busy compiling (holding the
+GIL) still answers, while a stopped (SIGSTOP) or killed (SIGKILL) one does not: the probe
+connection is dropped after `heartbeat_timeout_s` (at once for a kill) and probes fail until it
+is back. The request connection has no heartbeat timeout: dropping it would lose the replies in
+flight.
 
 Why ZeroMQ (`experiments/bench_transport.py`, 2-core machine, loopback TCP, JAX in both
 processes): a probe round trip takes 0.1-0.26 ms and a 128 KiB array round trip 0.7-0.9 ms
@@ -95,10 +96,16 @@ class Connection:
     self._replies: dict[int, object] = {}
     self._ignored: set[int] = set()
 
-  def send(self, message) -> int:
-    """Sends a request without waiting; returns its id for `result`."""
+  def send(self, message, block: bool = True) -> int:
+    """Sends a request without waiting for its reply; returns its id for `result`.
+
+    Raises:
+      zmq.Again: `block` is False and the message cannot be queued (the peer is gone or stopped
+        and its queue is full).
+    """
     rid = next(self._ids)
-    self._sock.send_multipart([rid.to_bytes(8, "little"), *wire.encode(message)], copy=False)
+    self._sock.send_multipart([rid.to_bytes(8, "little"), *wire.encode(message)], copy=False,
+                              flags=0 if block else zmq.NOBLOCK)
     return rid
 
   def result(self, rid: int, timeout_s: float):
@@ -139,7 +146,40 @@ class Connection:
       self._monitor.poll(max(1, int(left * 1000)))
 
   def close(self):
+    """Closes both sockets (again: nothing)."""
+    if self._sock.closed:
+      return
     self._probe.disable_monitor()
     self._monitor.close()
     self._probe.close()
     self._sock.close()
+
+
+class RemoteError(RuntimeError):
+  """A worker process failed to serve a call (its traceback is the message)."""
+
+
+class Pending:
+  """The reply to one request, read when it has arrived."""
+
+  def __init__(self, conn: Connection, rid: int, method: str):
+    self._conn, self._rid, self.method = conn, rid, method
+    self._reply = None
+
+  def arrived(self) -> bool:
+    if self._reply is None:
+      self._reply = self._conn.result(self._rid, 0.0)
+    return self._reply is not None
+
+  def result(self, timeout_s: float = 600.0):
+    if self._reply is None:
+      self._reply = self._conn.result(self._rid, timeout_s)
+      if self._reply is None:
+        raise TimeoutError(f"no reply to {self.method} within {timeout_s} s")
+    if "error" in self._reply:
+      raise RemoteError(f"{self.method} failed in the worker process:\n{self._reply['error']}")
+    return self._reply.get("result")
+
+  def ignore(self):
+    if self._reply is None:
+      self._conn.ignore(self._rid)

@@ -1,13 +1,17 @@
-"""A worker process: one AW or EW, its own JAX runtime and device, serving requests.
+"""A worker process: one AW, EW or snapshot store, its own JAX runtime and device.
 
-  python -m tarragon_jax.runtime.host [--compile_cache=DIR]
+  python -m tarragon_jax.runtime.host [--compile_cache=DIR] [--host=ADDRESS]
 
-Prints `READY <address> <probe address>` once its endpoint is bound, then serves (and exits
-when the process that started it is gone):
-- {"op": "init", ...}: loads the weights with orbax and builds the worker (the same
-  `AttentionWorker` / `ExpertWorker` classes the local runtime uses) on this process's device;
+Prints `READY <address> <probe address>` once its endpoint is bound on ADDRESS (default
+127.0.0.1), then serves (and exits when the process that started it is gone):
+- {"op": "init", "spec": {...}}: builds the worker: an AW or EW loads its weights with orbax
+  (the same `AttentionWorker` / `ExpertWorker` classes the local runtime uses) on this
+  process's device; a store opens its durable tier (`SnapshotStore`);
 - {"op": "call", "method": m, "args": [...]}: calls the worker; device arrays in the result
   come back as host arrays (the driver moves them on to the next worker);
+- {"op": "cast", ...}: a call whose reply nobody reads (none is sent);
+- {"op": "attr", "name": a}: an attribute's value;
+- {"op": "mark"} (store): replied once the store has applied everything sent before it;
 - {"op": "exit"}.
 A failure to build or to serve a call is replied as {"error": "..."}.
 """
@@ -31,6 +35,7 @@ from tarragon_jax.config import ModelConfig  # noqa: E402
 from tarragon_jax.mesh.cells import Cell  # noqa: E402
 from tarragon_jax.mesh.transfer import Transfers  # noqa: E402
 from tarragon_jax.resilience.placement import Placement  # noqa: E402
+from tarragon_jax.resilience.snapshot_store import SnapshotStore  # noqa: E402
 from tarragon_jax.runtime.channel import Endpoint  # noqa: E402
 from tarragon_jax.serving.workers import AttentionWorker, ExpertWorker, ew_weights  # noqa: E402
 
@@ -46,6 +51,8 @@ def to_host(x):
 
 def build(spec: dict):
   cfg = ModelConfig.from_dict(spec["config"])
+  if spec["kind"] == "store":
+    return SnapshotStore(cfg, spec["directory"], spec["flush_interval_s"])
   cell = Cell(f"{spec['kind']}{spec['index']}", (jax.devices()[0],))
   _, params = load_checkpoint(spec["weights_dir"], shardings=cell.replicated())
   if spec["kind"] == "aw":
@@ -59,20 +66,37 @@ def build(spec: dict):
 
 def serve(endpoint: Endpoint):
   worker = None
+  marks = []  # (request, store mark) waiting for the store to catch up
   while True:
-    request = endpoint.recv()
+    request = endpoint.recv(timeout_s=0.001 if marks else None)
+    for waiting in [m for m in marks if worker.caught_up(m[1])]:
+      marks.remove(waiting)
+      endpoint.reply(waiting[0], {"result": True})
+    if request is None:
+      continue
     msg = request.message
+    op = msg["op"]
     try:
-      if msg["op"] == "exit":
+      if op == "exit":
         endpoint.reply(request, {"ok": True})
         return
-      if msg["op"] == "init":
+      if op == "init":
         worker = build(msg["spec"])
         reply = {"ok": True}
+      elif op == "mark":
+        marks.append((request, worker.mark()))
+        continue
+      elif op == "attr":
+        reply = {"result": getattr(worker, msg["name"])}
       else:
         out = getattr(worker, msg["method"])(*msg["args"])
+        if op == "cast":
+          continue
         reply = {"result": to_host(out)}
     except Exception:  # noqa: BLE001 - the driver decides what a failed call means
+      if op == "cast":
+        traceback.print_exc()
+        continue
       reply = {"error": traceback.format_exc(limit=8)}
     endpoint.reply(request, reply)
 

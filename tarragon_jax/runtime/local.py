@@ -6,6 +6,7 @@ import jax
 
 from tarragon_jax.mesh.cells import carve
 from tarragon_jax.mesh.transfer import Transfers
+from tarragon_jax.resilience.snapshot_store import SnapshotStore
 
 
 class LocalRuntime:
@@ -19,6 +20,10 @@ class LocalRuntime:
 
   def transfers(self) -> Transfers:
     return Transfers()
+
+  def new_store(self, cfg, directory: str, flush_interval_s: float, detection) -> SnapshotStore:
+    del detection  # a store thread in this process is probed through its health
+    return SnapshotStore(cfg, directory, flush_interval_s)
 
   def close(self):
     pass

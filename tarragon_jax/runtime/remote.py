@@ -1,57 +1,28 @@
 """The process runtime: every AW and EW its own OS process, driven through proxies.
 
 `ProcessRuntime` gives the engine cells that are process slots, starts a
-`tarragon_jax.runtime.host` process per worker and hands back a `RemoteWorker` proxy with the
-worker's interface. A proxy call sends a request and returns a `Pending` reply; the engine waits
-for it inside the exchange, with the same detector as in the local runtime (a late reply is
-silence; the peer's probe thread answers or not). Arrays travel between workers through the
-driver as host arrays. A fault is a real signal: `kill` is SIGKILL, `hang` is SIGSTOP.
+`tarragon_jax.runtime.host` process per worker (through a spawner: on this host, or on other
+hosts through their agents) and hands back a `RemoteWorker` proxy with the worker's interface;
+the snapshot store is a process too (`RemoteStore`). A proxy call sends a request and returns a
+`Pending` reply; the engine waits for it inside the exchange, with the same detector as in the
+local runtime (a late reply is silence; the peer's probe thread answers or not). Arrays travel
+between workers through the driver as host arrays. A fault is a real signal: `kill` is SIGKILL,
+`hang` is SIGSTOP.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 
 from tarragon_jax import launch_config
 from tarragon_jax.mesh.cells import carve
 from tarragon_jax.resilience.fault_domain import FaultDomain, Health
-from tarragon_jax.runtime.channel import Connection
-
-
-class RemoteError(RuntimeError):
-  """A worker process failed to serve a call (its traceback is the message)."""
-
-
-class Pending:
-  """The reply to one request, read when it has arrived."""
-
-  def __init__(self, conn: Connection, rid: int, method: str):
-    self._conn, self._rid, self.method = conn, rid, method
-    self._reply = None
-
-  def arrived(self) -> bool:
-    if self._reply is None:
-      self._reply = self._conn.result(self._rid, 0.0)
-    return self._reply is not None
-
-  def result(self, timeout_s: float = 600.0):
-    if self._reply is None:
-      self._reply = self._conn.result(self._rid, timeout_s)
-      if self._reply is None:
-        raise TimeoutError(f"no reply to {self.method} within {timeout_s} s")
-    if "error" in self._reply:
-      raise RemoteError(f"{self.method} failed in the worker process:\n{self._reply['error']}")
-    return self._reply.get("result")
-
-  def ignore(self):
-    if self._reply is None:
-      self._conn.ignore(self._rid)
+from tarragon_jax.runtime.channel import Connection, Pending, RemoteError
+from tarragon_jax.runtime.remote_store import RemoteStore
+from tarragon_jax.runtime.spawner import LocalSpawner, SpawnError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,26 +56,24 @@ class HostTransfers:
 
 
 class RemoteWorker(FaultDomain):
-  """A proxy for one worker process; methods return `Pending` replies."""
+  """A proxy for one worker process (`child`, from a spawner); methods return `Pending`."""
 
-  def __init__(self, kind: str, index: int, cell: ProcessCell, cfg, probe_s: float,
-               compile_cache: str):
+  def __init__(self, kind: str, index: int, cell: ProcessCell, cfg, probe_s: float, child):
     self.kind, self.index, self.cell, self.cfg = kind, index, cell, cfg
     self.name = f"{kind}{index}"
     self.probe_s = probe_s
+    self.child = child
     self.conn = None
-    self.proc = subprocess.Popen(
-        [sys.executable, "-m", "tarragon_jax.runtime.host", f"--compile_cache={compile_cache}"],
-        stdout=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
   def connect(self):
     """Waits for the process to bind its endpoint (Python and JAX start) and connects."""
-    line = self.proc.stdout.readline().split()
-    if not line or line[0] != "READY":
-      raise RemoteError(f"{self.name}: the worker process did not start ({line})")
+    try:
+      address, probe_address = self.child.ready()
+    except SpawnError as err:
+      raise RemoteError(f"{self.name}: {err}") from err
     # Heartbeats every half probe interval; three missed intervals drop the probe connection
     # (a worker starved of CPU on a busy host is not declared dead for one late PONG).
-    self.conn = Connection(line[1], line[2], heartbeat_s=self.probe_s / 2,
+    self.conn = Connection(address, probe_address, heartbeat_s=self.probe_s / 2,
                            heartbeat_timeout_s=3 * self.probe_s)
 
   def request(self, method: str, *args) -> Pending:
@@ -133,23 +102,16 @@ class RemoteWorker(FaultDomain):
     return self.conn.probe(self.probe_s)
 
   def kill(self):
-    """SIGKILL (fail-stop). Health stays unknown here: the driver learns it by detection."""
-    if self.proc.poll() is None:
-      self.proc.send_signal(signal.SIGKILL)
-      self.proc.wait()
+    """SIGKILL (fail-stop); the driver still learns of it by detection."""
+    self.child.signal(signal.SIGKILL)
     self.health = Health.DEAD
 
   def hang(self):
-    if self.proc.poll() is None:
-      self.proc.send_signal(signal.SIGSTOP)
+    self.child.signal(signal.SIGSTOP)
     self.health = Health.HUNG
 
   def close(self):
-    if self.proc.poll() is None:
-      if self.conn is not None:
-        self.conn.call({"op": "exit"}, 5.0)
-      self.proc.kill()
-      self.proc.wait()
+    self.child.stop()
     if self.conn is not None:
       self.conn.close()
 
@@ -168,16 +130,23 @@ for _method in ("begin", "attend", "replay", "combine", "sample", "restore", "ca
 
 
 class ProcessRuntime:
-  """Workers as processes on this machine, one CPU device each, `slots` of them at most."""
+  """Workers as processes, one device each: on this host (`LocalSpawner`, default) or on the
+  hosts of registered agents (`AgentSpawner`). The snapshot store is a process on this host,
+  with a standby process started ahead so that a new store is ready at once. Closing the
+  runtime stops its processes; the spawner belongs to the caller (it may serve several)."""
 
   remote = True
 
-  def __init__(self, slots: int = 8, compile_cache: str = launch_config.DEFAULT_COMPILE_CACHE):
-    self.slots, self.compile_cache = slots, compile_cache
+  def __init__(self, spawner=None, compile_cache: str = launch_config.DEFAULT_COMPILE_CACHE):
+    self.spawner = spawner or LocalSpawner()
+    self.compile_cache = compile_cache
     self.workers: list[RemoteWorker] = []
+    self._store_spawner = LocalSpawner(0)
+    self._standby_store = None
+    self.stores: list[RemoteStore] = []
 
   def devices(self) -> list:
-    return list(range(self.slots))
+    return list(self.spawner.slots)
 
   def carve(self, plan, devices):
     return carve(plan, devices, make_cell=ProcessCell)
@@ -192,7 +161,8 @@ class ProcessRuntime:
   def start_workers(self, engine, specs: list[tuple]) -> list[RemoteWorker]:
     """Starts (kind, index, cell) workers side by side: all processes, then all inits."""
     probe_s = engine.engine_cfg.resilience.detection.probe_interval_s
-    workers = [RemoteWorker(kind, index, cell, engine.cfg, probe_s, self.compile_cache)
+    workers = [RemoteWorker(kind, index, cell, engine.cfg, probe_s,
+                            self.spawner.spawn(cell.devices[0], self.compile_cache))
                for kind, index, cell in specs]
     self.workers += workers
     p = engine.placement
@@ -210,6 +180,18 @@ class ProcessRuntime:
         raise RemoteError(f"{w.name}: init failed: {err}") from err
     return workers
 
+  def new_store(self, cfg, directory: str, flush_interval_s: float, detection) -> RemoteStore:
+    """A snapshot store process (the standby, if one was started), and the next standby."""
+    child = self._standby_store or self._store_spawner.spawn(None, self.compile_cache)
+    self._standby_store = self._store_spawner.spawn(None, self.compile_cache)
+    store = RemoteStore(child, cfg, directory, flush_interval_s, detection)
+    self.stores.append(store)
+    return store
+
   def close(self):
     for w in self.workers:
       w.close()
+    for store in self.stores:
+      store.stop()
+    if self._standby_store is not None:
+      self._standby_store.stop()

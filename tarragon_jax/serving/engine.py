@@ -237,9 +237,14 @@ class Engine(LayerExchange):
     return batches, T
 
   def _fire_faults(self, layer: int):
+    if not self.injector.pending:
+      return
     now = time.perf_counter()
     store = self.store
-    flushing = store is not None and store.health is Health.ALIVE and store.flushing
+
+    def flushing() -> bool:
+      return store is not None and store.health is Health.ALIVE and store.flushing
+
     step = self.iteration - self._fault_step0
     for fault in self.injector.due(step, layer, now - self.t0, flushing,
                                    self.recovery.recovering, now):
