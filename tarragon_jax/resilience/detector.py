@@ -4,8 +4,8 @@ Data arriving is the heartbeat: nothing is sent just to say "alive". When a peer
 missing, the receiver keeps polling for it for one probe interval, then probes the peer on the
 control channel; a probe left unanswered for another interval declares the peer failed. A peer
 that answers is only slow, and is waited for up to `deadline_s`. A peer whose connection is
-closed (a killed worker) is declared at once. The worst-case detection latency of a hang is
-therefore `window_s` = two probe intervals.
+closed (a killed worker; a worker process whose connection dropped) is declared at once. The
+worst-case detection latency of a hang is therefore `window_s` = two probe intervals.
 """
 
 from __future__ import annotations
@@ -77,6 +77,10 @@ class Detector:
       now = time.perf_counter()
       for name, (worker, arrived) in list(pending.items()):
         if arrived():
+          del pending[name]
+        elif worker.disconnected():
+          self.closed(worker, start)
+          failed.append(name)
           del pending[name]
         elif now - start >= cfg.probe_interval_s:
           if worker.probe():

@@ -33,6 +33,11 @@ class FaultDomain:
     """The control-channel probe: answered only by a live, responsive worker."""
     return self.health is Health.ALIVE
 
+  def disconnected(self) -> bool:
+    """True if the worker's connection is known to be closed (a process that died); workers in
+    this process say so by raising WorkerDead instead."""
+    return False
+
   def hang(self):
     if self.health is Health.ALIVE:
       self.health = Health.HUNG

@@ -22,6 +22,7 @@ address, and it works across hosts unchanged. Per-layer AW<->EW data could later
 from __future__ import annotations
 
 import itertools
+import socket
 import time
 
 import zmq
@@ -90,7 +91,10 @@ class Connection:
     # kernel still accepts TCP connections, so a TCP connect alone proves nothing).
     self._monitor = self._probe.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED
                                                    | zmq.EVENT_DISCONNECTED)
-    self._connected = False
+    self._connected = self._was_up = self._refused = False
+    self._port_checked = 0.0
+    host, _, port = probe_address.removeprefix("tcp://").rpartition(":")
+    self._probe_host_port = (host, int(port))
     self._probe.connect(probe_address)
     self._ids = itertools.count(1)
     self._replies: dict[int, object] = {}
@@ -132,6 +136,26 @@ class Connection:
     """Sends a request and waits for its reply; None if it is late."""
     return self.result(self.send(message), timeout_s)
 
+  def disconnected(self) -> bool:
+    """True if the peer's process is gone: the probe connection was up, has dropped, and its
+    port refuses a new TCP connection (a stopped or merely slow process's kernel still accepts
+    one). Checks the port at most once per millisecond; never waits longer than a connect."""
+    self.probe(0.0)
+    if not self._was_up or self._connected:
+      return False
+    now = time.perf_counter()
+    if now - self._port_checked < 1e-3:
+      return self._refused
+    self._port_checked = now
+    try:
+      socket.create_connection(self._probe_host_port, timeout=0.05).close()
+      self._refused = False
+    except ConnectionRefusedError:
+      self._refused = True
+    except OSError:  # unreachable or timed out: not proof of death; the probes decide
+      self._refused = False
+    return self._refused
+
   def probe(self, timeout_s: float) -> bool:
     """True if the peer's connection is up (it answers heartbeats), waiting `timeout_s` for
     it to come up."""
@@ -140,6 +164,7 @@ class Connection:
       while self._monitor.poll(0):
         event = zmq.utils.monitor.recv_monitor_message(self._monitor)["event"]
         self._connected = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        self._was_up |= self._connected
       left = deadline - time.perf_counter()
       if self._connected or left <= 0:
         return self._connected

@@ -101,6 +101,9 @@ class RemoteWorker(FaultDomain):
   def probe(self) -> bool:
     return self.conn.probe(self.probe_s)
 
+  def disconnected(self) -> bool:
+    return self.conn.disconnected()
+
   def kill(self):
     """SIGKILL (fail-stop); the driver still learns of it by detection."""
     self.child.signal(signal.SIGKILL)

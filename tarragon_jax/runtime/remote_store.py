@@ -79,6 +79,9 @@ class RemoteStore(FaultDomain):
       self._alive_at = time.perf_counter()
     return ok
 
+  def disconnected(self) -> bool:
+    return self.conn.disconnected()
+
   def mark(self) -> Pending:
     """A reply that arrives once the store has applied everything sent so far."""
     return self._request({"op": "mark"})

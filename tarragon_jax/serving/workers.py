@@ -172,6 +172,7 @@ class AttentionWorker(FaultDomain):
                    self.cfg.dtype)
       kp, vp, slot, n = self.put((k, k, np.int32(0), np.int32(0)))
       self.cache = datapath.aw_restore(self.cache, slot, kp, vp, n)
+    jax.block_until_ready(self.cache_copy())  # the base snapshot a new store is sent
     self.cache.lengths.block_until_ready()
 
 

@@ -1,4 +1,4 @@
-"""Launcher smoke tests: faults from the serve launcher's flag, and the resilience experiment."""
+"""Launcher smoke tests: faults from the serve launcher's flag, and the main job (failover)."""
 
 import json
 
@@ -25,26 +25,31 @@ def test_serve_injects_faults_from_its_flag_and_keeps_greedy_parity(tmp_path):
   assert "kill ew1: service stall" in out
 
 
-def test_resilience_experiment_compares_recovery_with_the_baseline(tmp_path):
-  out = _run("experiments.resilience", "--config=configs/resilience_tiny.py",
+def test_failover_main_job_compares_recovery_with_the_baseline(tmp_path):
+  out = _run("experiments.failover", "--config=configs/failover_tiny.py",
              f"--workdir={tmp_path}", "--config.workload.num_requests=8",
              "--config.workload.rate=40", "--config.workload.output_len=48",
              "--config.fault_at_s=0.2", "--config.reps=1", "--config.throughput_requests=4",
              "--config.warm_all_buckets=False")
   summary = json.loads((tmp_path / "summary.json").read_text())
-  runs = {r["run"]: r for r in summary["runs"]}
-  assert set(runs) == {"fault_free", "tarragon_aw", "tarragon_aw_no_snapshots",
-                       "global_restart_aw", "tarragon_ew", "global_restart_ew"}
-  for name, r in runs.items():
-    assert r["completed"] == r["requests"] == 8, name
-    if name != "fault_free":
-      assert r["tokens_match_fault_free"] is True, name
+  keys = {"mode", "fault", "requests", "completed", "service_stall_s", "max_request_stall_s",
+          "recomputed_tokens", "throughput_tok_s", "tokens_match_fault_free"}
+  runs = {(r["mode"], r["fault"]): r for r in summary["runs"]}
+  assert set(runs) == {(m, f) for m in ("tarragon", "global_restart")
+                       for f in ("none", "aw", "ew")}
+  for (mode, fault), r in runs.items():
+    assert keys <= set(r), (mode, fault)
+    assert r["completed"] == r["requests"] == 8, (mode, fault)
+    assert r["tokens_match_fault_free"] is True, (mode, fault)
+    assert (r["service_stall_s"] is None) == (fault == "none"), (mode, fault)
   for kind in ("aw", "ew"):
-    assert runs[f"global_restart_{kind}"]["restart_phases"][0]["compile_s"] > 0
+    assert runs["global_restart", kind]["restart_phases"][0]["compile_s"] > 0
   assert set(summary["throughput_median_tok_s"]) == {"snapshots_on", "snapshots_off",
                                                       "global_restart"}
+  assert "[6/6] global_restart, fault: ew" in out  # progress
   assert "baseline / Tarragon" in out or "no ratio" in out
   records = launch_config.read_jsonl(tmp_path / "results.jsonl")
   assert len([r for r in records if r["run"] == "throughput"]) == 3
-  assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  for png in ("timeline.png", "stalls.png"):
+    assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert (tmp_path / "timeline_tarragon_ew.jsonl").exists()

@@ -1,10 +1,10 @@
-"""One AW failure and one EW failure, Tarragon vs the global-restart baseline, plus fault-free
-throughput with snapshots on / off / the baseline, on the tiny MoE and 8 CPU devices.
+"""The main job: fault-free, one AW failure and one EW failure, each with Tarragon and with the
+global-restart baseline, plus fault-free throughput, on the tiny MoE and 8 CPU devices.
 
-A few minutes on 2 CPU cores; prints the comparison table and writes results.jsonl,
-summary.json, timeline_*.jsonl and throughput.png under `workdir`:
+About 2 minutes on 2 CPU cores; prints the comparison table and writes summary.json,
+results.jsonl, timeline_*.jsonl, timeline.png and stalls.png under `workdir`:
 
-  PYTHONPATH=. python -m experiments.resilience --config=configs/resilience_tiny.py
+  python -m experiments.failover --config=configs/failover_tiny.py
 
 Override any field, e.g. `--config.fault_at_s=3 --config.workload.rate=10`, or run every
 worker as its own process with `--config.runtime=process` (the throughput comparison then
@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = tiny.get_config().model
   c.seed = 0
-  c.workdir = "runs/resilience_tiny"
+  c.workdir = "runs/failover_tiny"
   # 3 AW + 4 EW cells and one spare device (the replacement's, and the baseline's rebuild).
   c.num_aw = 3
   c.num_ew = 4

@@ -1,0 +1,284 @@
+"""The main job: one AW failure and one EW failure, Tarragon recovery vs the global restart.
+
+  python -m experiments.failover [--config=configs/failover_tiny.py] [--workdir=DIR]
+
+On one workload (Poisson "Random" requests, replayed in real time) it runs, for each policy
+(Tarragon recovery, the MegaScale-like global-restart baseline): a fault-free pass, one AW
+failure and one EW failure. For each run it reports the service stall (the longest time with
+zero output tokens after the fault), the max request stall (the extra wait of one in-flight
+request beyond its usual token gap), recomputed tokens, throughput and whether every request's
+greedy tokens equal the fault-free run's; then fault-free closed-loop throughput of Tarragon
+(snapshots on and off) vs the baseline in interleaved repetitions. `--config.runtime=process`
+runs every worker as its own OS process (faults are SIGKILL), and adds the local runtime to
+the throughput comparison.
+
+Writes to the workdir: summary.json ({"runs": [{"mode", "fault", "requests", "completed",
+"service_stall_s", "max_request_stall_s", "recomputed_tokens", "throughput_tok_s",
+"tokens_match_fault_free", ...}], "stall_ratios", "throughput_*"}), results.jsonl (every run
+and throughput repetition), timeline_<mode>_<fault>.jsonl (failure and recovery events),
+timeline.png (output tokens/s over time through each failure, the paper's Fig. 9) and
+stalls.png (stalls per failure kind and policy, log scale).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)  # before any JAX use: AW and EW cells are carved
+
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import tarragon_jax as tj  # noqa: E402
+from tarragon_jax import launch_config  # noqa: E402
+from tarragon_jax.checkpoint import save_checkpoint  # noqa: E402
+from tarragon_jax.mesh.cells import CellPlan  # noqa: E402
+from tarragon_jax.resilience.detector import DetectionConfig  # noqa: E402
+from tarragon_jax.resilience.faults import parse_faults  # noqa: E402
+from tarragon_jax.runtime.remote import ProcessRuntime  # noqa: E402
+from tarragon_jax.serving import workload as wl  # noqa: E402
+from tarragon_jax.serving.engine import Engine, EngineConfig, ResilienceConfig  # noqa: E402
+from tarragon_jax.serving.metrics import compile_count, stall_summary  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/failover_tiny.py", "Config.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default: the config's workdir.")
+_CACHE = flags.DEFINE_string(
+    "compile_cache", launch_config.DEFAULT_COMPILE_CACHE,
+    "Persistent compilation cache directory ('' = off). Both policies get it.")
+_BIN_S = 0.25
+MODES = ("tarragon", "global_restart")
+FAULTS = ("none", "aw", "ew")
+
+
+def _engine(cd, cfg, params, weights_dir, recovery: str, snapshots: bool, spawner) -> Engine:
+  """An engine on this process's devices (`spawner` None) or on worker processes."""
+  rc = ResilienceConfig(recovery=recovery, snapshots=snapshots, weights_dir=weights_dir,
+                        flush_interval_s=cd.flush_interval_s,
+                        detection=DetectionConfig(probe_interval_s=cd.probe_interval_s))
+  plan = CellPlan(cd.num_aw, cd.num_ew)
+  engine = Engine(cfg, params, EngineConfig(plan=plan, slots_per_aw=cd.slots_per_aw,
+                                            shadows_per_expert=cd.shadows_per_expert,
+                                            resilience=rc),
+                  runtime=None if spawner is None else ProcessRuntime(spawner, _CACHE.value))
+  engine.warm_up(None if cd.warm_all_buckets else [1, 16])  # before measuring
+  return engine
+
+
+def _run(cd, cfg, params, weights_dir, work, reference, mode: str, fault: str, workdir,
+         spawner) -> tuple[dict, list, np.ndarray]:
+  """One real-time replay of `work` with `fault` ("none", "aw", "ew") under policy `mode`."""
+  engine = _engine(cd, cfg, params, weights_dir, mode, mode == "tarragon", spawner)
+  spec = {"none": "", "aw": cd.aw_fault, "ew": cd.ew_fault}[fault]
+  engine.arm_faults(parse_faults(f"{spec}@t={cd.fault_at_s}") if spec else ())
+  compiles = compile_count()
+  result = wl.replay(engine, work)
+  compiled = compile_count() - compiles
+  engine.recovery.wait_for_replacements()
+  engine.close()
+  outputs = [engine.tokens(r) for r in result.ids]
+  events = result.events(engine)
+  times = np.sort([e.time - result.start for e in events])
+  s = engine.summary()
+  record = dict(mode=mode, fault=fault, fault_spec=spec or None, **result.summary(engine),
+                service_stall_s=None, max_request_stall_s=None,
+                recomputed_tokens=s["recomputed_tokens"],
+                longest_output_gap_s=float(np.max(np.diff(times), initial=0.0)),
+                compiles_during_run=compiled,
+                tokens_match_fault_free=True if reference is None else outputs == reference)
+  faults = engine.timeline.of("fault")
+  if faults:
+    record.update(stall_summary(events, faults[0]["t"]))
+    record.update({k: s[k] for k in ("detection_s", "restores", "reprefills", "restore_bytes",
+                                     "restore_s_max", "recomputed_token_layers",
+                                     "uncommitted_tail_tokens")})
+    record["restart_phases"] = s.get("restarts", [])
+    joined = engine.timeline.of("replacement_joined")
+    record["replacement_joined_after_s"] = joined[0]["t"] - faults[0]["t"] if joined else None
+    engine.timeline.write_jsonl(os.path.join(workdir, f"timeline_{mode}_{fault}.jsonl"),
+                                result.start)
+  return record, outputs, times
+
+
+def _throughput(cd, cfg, params, weights_dir, spawner) -> list[dict]:
+  """Closed loop: every request at t=0; tokens/s of each variant, interleaved repetitions."""
+  variants = {"snapshots_on": ("tarragon", True, spawner),
+              "snapshots_off": ("tarragon", False, spawner),
+              "global_restart": ("global_restart", False, spawner)}
+  if spawner is not None:
+    variants["local_runtime"] = ("tarragon", True, None)
+  engines = {k: _engine(cd, cfg, params, weights_dir, *v) for k, v in variants.items()}
+  rng = np.random.default_rng(cd.seed + 1)
+  w = cd.workload
+  records = []
+  for rep in range(cd.reps):
+    prompts = rng.integers(0, cfg.vocab_size, (cd.throughput_requests, w.prompt_len))
+    for name in (list(engines) if rep % 2 == 0 else list(engines)[::-1]):
+      engine = engines[name]
+      start = time.perf_counter()
+      outs = engine.generate(prompts.tolist(), w.output_len)
+      seconds = time.perf_counter() - start
+      records.append(dict(run="throughput", variant=name, rep=rep, seconds=seconds,
+                          throughput_tok_s=sum(map(len, outs)) / seconds))
+      logging.info("throughput %s rep %d: %.0f tok/s", name, rep, records[-1]["throughput_tok_s"])
+  for engine in engines.values():
+    engine.close()
+  return records
+
+
+def main(argv):
+  del argv
+  cd = _CONFIG.value
+  launch_config.enable_compile_cache(_CACHE.value)
+  workdir = launch_config.make_workdir(_WORKDIR.value or cd.workdir)
+  cfg = launch_config.model_config(cd)
+  params = tj.init_params(cfg, jax.random.key(cd.seed))
+  weights_dir = os.path.dirname(save_checkpoint(os.path.join(workdir, "weights"), params, cfg))
+  w = cd.workload
+  work = wl.make_workload("random", cfg, num_requests=w.num_requests, rate=w.rate, seed=cd.seed,
+                          prompt_len=w.prompt_len, output_len=w.output_len)
+  spawner = launch_config.make_spawner(cd)
+  try:
+    runs, series = _runs(cd, cfg, params, weights_dir, work, workdir, spawner)
+    throughput = _throughput(cd, cfg, params, weights_dir, spawner)
+  finally:
+    if spawner is not None:
+      spawner.close()
+  launch_config.write_jsonl(os.path.join(workdir, "results.jsonl"),
+                            [dict(run=f"{r['mode']}_{r['fault']}", **r) for r in runs]
+                            + throughput)
+  summary = _report(runs, throughput, cd)
+  summary["figures"] = _figures(workdir, runs, series, cd)
+  launch_config.write_summary(workdir, summary, cd)
+  print(f"-> {workdir}")
+
+
+def _runs(cd, cfg, params, weights_dir, work, workdir, spawner):
+  """Every (mode, fault) run; the first (Tarragon, no fault) is the reference for the rest."""
+  runs, series, reference = [], {}, None
+  plan = [(m, f) for f in FAULTS for m in MODES]
+  start = time.perf_counter()
+  for k, (mode, fault) in enumerate(plan):
+    print(f"[{k + 1}/{len(plan)}] {mode}, fault: {fault} "
+          f"({time.perf_counter() - start:.0f} s so far)", flush=True)
+    record, outputs, times = _run(cd, cfg, params, weights_dir, work, reference, mode, fault,
+                                  workdir, spawner)
+    if reference is None:
+      reference = outputs
+    runs.append(record)
+    counts, edges = np.histogram(times, bins=np.arange(0.0, times.max() + 2 * _BIN_S, _BIN_S))
+    series[(mode, fault)] = (list(edges[:-1]), list(counts / _BIN_S))
+    if fault != "none":
+      print(f"      service stall {record['service_stall_s'] * 1e3:.1f} ms, max request stall "
+            f"{record['max_request_stall_s'] * 1e3:.1f} ms, tokens == fault-free: "
+            f"{record['tokens_match_fault_free']}", flush=True)
+  return runs, series
+
+
+def _report(runs: list[dict], throughput: list[dict], cd) -> dict:
+  """Prints the table and the ratios; returns the summary."""
+  print(f"\n{'mode':<16}{'fault':<7}{'service':>9}{'max req':>9}{'recomp.':>8}{'detect':>8}"
+        f"{'restore':>9}{'tok/s':>7}{'done':>8}  tokens ==")
+  print(f"{'':<23}{'stall':>9}{'stall':>9}{'tokens':>8}{'':>8}{'':>9}{'':>7}{'':>8}  fault-free")
+
+  def ms(x):
+    return "-" if x is None else f"{x * 1e3:.1f}ms"
+
+  for r in runs:
+    restart = (r["restart_phases"][0]["total_s"] if r.get("restart_phases")
+               else r.get("restore_s_max"))
+    print(f"{r['mode']:<16}{r['fault']:<7}{ms(r['service_stall_s']):>9}"
+          f"{ms(r['max_request_stall_s']):>9}{r['recomputed_tokens']:>8}"
+          f"{ms(max(r.get('detection_s') or [0.0]) if r['fault'] != 'none' else None):>8}"
+          f"{ms(restart if r['fault'] != 'none' else None):>9}{r['throughput_tok_s']:>7.0f}"
+          f"{r['completed']:>4}/{r['requests']:<3}  {r['tokens_match_fault_free']}")
+  print("(restore: Tarragon's slowest per-request restore; for the baseline, the whole restart)")
+  by = {(r["mode"], r["fault"]): r for r in runs}
+  ratios = {}
+  for kind in ("aw", "ew"):
+    t, g = by["tarragon", kind], by["global_restart", kind]
+    if not (t["in_flight"] and g["in_flight"]):
+      ratios[kind] = None
+      print(f"{kind.upper()} failure: no request was in flight at the fault; no ratio")
+      continue
+    ratios[kind] = {k: g[k] / t[k] if t[k] > 0 else float("inf")
+                    for k in ("service_stall_s", "max_request_stall_s")}
+    phases = g["restart_phases"][0] if g["restart_phases"] else {}
+    print(f"{kind.upper()} failure, baseline / Tarragon: service stall "
+          f"{ratios[kind]['service_stall_s']:.0f}x, max request stall "
+          f"{ratios[kind]['max_request_stall_s']:.0f}x; baseline restart: "
+          + ", ".join(f"{k[:-2]} {v:.3f}s" for k, v in phases.items() if k.endswith("_s")))
+  tp = {}
+  for r in throughput:
+    tp.setdefault(r["variant"], []).append(r["throughput_tok_s"])
+  med = {k: float(np.median(v)) for k, v in tp.items()}
+  # Ratios within each repetition (the variants ran back to back), then their median: the
+  # machine's drift between repetitions cancels.
+  on_off = float(np.median(np.divide(tp["snapshots_on"], tp["snapshots_off"])))
+  on_base = float(np.median(np.divide(tp["snapshots_on"], tp["global_restart"])))
+  print(f"fault-free closed-loop throughput (median of {cd.reps}): Tarragon "
+        f"{med['snapshots_on']:.0f} (snapshots off {med['snapshots_off']:.0f}), baseline "
+        f"{med['global_restart']:.0f} tok/s; Tarragon / baseline {on_base:.3f} (median "
+        f"per-repetition ratio), snapshots on / off {on_off:.3f}")
+  out = dict(runs=runs, stall_ratios=ratios, throughput_median_tok_s=med,
+             throughput_tarragon_baseline=on_base, throughput_snapshots_on_off=on_off)
+  if "local_runtime" in tp:
+    out["throughput_process_local"] = float(np.median(np.divide(tp["snapshots_on"],
+                                                                tp["local_runtime"])))
+    print(f"process runtime / local runtime throughput: {out['throughput_process_local']:.3f} "
+          f"(local {med['local_runtime']:.0f} tok/s)")
+  return out
+
+
+def _figures(workdir: str, runs: list[dict], series: dict, cd) -> list[str]:
+  """timeline.png (tokens/s through each failure) and stalls.png (log-scale stalls)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+  for ax, kind in zip(axes, ("aw", "ew")):
+    for mode, style in zip(MODES, ("-", "--")):
+      xs, ys = series[mode, kind]
+      ax.plot(xs, ys, style, label="Tarragon" if mode == "tarragon" else "global restart")
+    xs, ys = series["tarragon", "none"]
+    ax.plot(xs, ys, ":", color="gray", label="no failure")
+    ax.axvline(cd.fault_at_s, color="red", lw=0.8, label=f"{kind.upper()} killed")
+    ax.set_xlabel("time since start (s)")
+    ax.set_title(f"{kind.upper()} failure at t = {cd.fault_at_s} s ({cd.runtime} runtime)")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel(f"output tokens/s ({_BIN_S} s bins)")
+  axes[1].legend()
+  fig.tight_layout()
+  timeline = os.path.join(workdir, "timeline.png")
+  fig.savefig(timeline, dpi=120)
+  plt.close(fig)
+
+  by = {(r["mode"], r["fault"]): r for r in runs}
+  fig, ax = plt.subplots(figsize=(7, 4))
+  labels = [f"{kind.upper()} {what}" for kind in ("aw", "ew") for what in ("service", "request")]
+  x = np.arange(len(labels))
+  for i, mode in enumerate(MODES):
+    ys = [by[mode, kind][key] or 0.0 for kind in ("aw", "ew")
+          for key in ("service_stall_s", "max_request_stall_s")]
+    ax.bar(x + (i - 0.5) * 0.4, np.maximum(np.asarray(ys) * 1e3, 1e-3), 0.4,
+           label="Tarragon" if mode == "tarragon" else "global restart")
+  ax.set_xticks(x, labels)
+  ax.set_yscale("log")
+  ax.set_ylabel("stall (ms, log scale)")
+  ax.set_title("service stall and max request stall per failure")
+  ax.legend()
+  ax.grid(alpha=0.3, axis="y")
+  fig.tight_layout()
+  stalls = os.path.join(workdir, "stalls.png")
+  fig.savefig(stalls, dpi=120)
+  plt.close(fig)
+  return [timeline, stalls]
+
+
+if __name__ == "__main__":
+  app.run(main)
