@@ -140,6 +140,7 @@ def add_runtime_fields(c: ml_collections.ConfigDict, runtime: str = "local", slo
   c.runtime = runtime
   c.slots = slots  # process: worker processes on this host at once (one device each)
   c.platform = "cpu"  # process: the workers' JAX platform ("cuda": one GPU per process)
+  c.devices = 0  # process: share this many local GPUs among the slots (0: one GPU per slot)
   c.listen = "0.0.0.0:7000"  # cluster: where the registry listens (PORT and PORT+1)
   c.hosts = 2  # cluster: how many host agents to wait for
   c.weights_dir = ""  # cluster: an orbax checkpoint every host can read ("" = a scratch copy)
@@ -157,5 +158,5 @@ def make_spawner(cd: ml_collections.ConfigDict):
   if cd.runtime == "local":
     return None
   if cd.runtime == "process":
-    return LocalSpawner(cd.slots, cd.platform)
+    return LocalSpawner(cd.slots, cd.platform, devices=cd.devices)
   return AgentSpawner(cd.listen, cd.hosts)

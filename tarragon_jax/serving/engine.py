@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -402,9 +403,12 @@ class Engine(LayerExchange):
       wait(out)
 
   def close(self):
-    """Waits for background recovery work, stops the snapshot store and worker processes."""
+    """Waits for background recovery work, stops the snapshot store and worker processes, and
+    removes the engine's scratch directory (its weights copy and snapshots unless
+    `weights_dir` / `store_dir` were given)."""
     self.recovery.close()
     self.runtime.close()
+    shutil.rmtree(self._scratch, ignore_errors=True)
 
   def __enter__(self):
     return self
