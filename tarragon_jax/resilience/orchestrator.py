@@ -163,6 +163,9 @@ class Recovery:
   def poll(self):
     self.watch_store()
 
+  def placed(self):
+    """Called after each step's admissions and restores: background repair may start."""
+
   def probe_idle(self):
     """Probes every member once per probe interval, so that a worker that dies while it has
     no data to send is found too; one unanswered for an interval is declared failed."""
@@ -336,10 +339,11 @@ class Tarragon(Recovery):
       b.thread.join()
     super().close()
 
-  def step_boundary(self):
-    """Starts the replacements asked for during the last step, once its repair is done."""
+  def placed(self):
+    """Starts the replacements asked for during the last step, once its repair is done and
+    the failed worker's requests are restored on survivors (a build's weight copy would
+    otherwise compete with those restores for the host)."""
     self._start_builds()
-    super().step_boundary()
 
   def _start_builds(self):
     todo, self._to_build = self._to_build, []

@@ -263,6 +263,7 @@ class Engine(LayerExchange):
   def _step(self) -> bool:
     self.recovery.step_boundary()
     self._admit(time.perf_counter())
+    self.recovery.placed()
     batches, T = self._batches()
     live = [a for a, b in enumerate(batches) if b is not None]
     if not live:
