@@ -92,13 +92,15 @@ def main(argv):
   summary = dict(result.summary(engine), faults=len(stalls),
                  declared=len(engine.timeline.of("declared_failed")),
                  replacements=len(engine.timeline.of("replacement_joined")),
+                 store_restarts=len(engine.timeline.of("store_started")),
                  tokens_lost=lost, duplicates_dropped=duplicates, mismatches=mismatches,
                  sample_matches_reference=match, sample_size=len(sample),
                  max_request_gap_s_median=float(np.median(gaps)) if gaps else None,
                  max_request_gap_s_max=max(gaps, default=None))
   launch_config.write_summary(workdir, summary, cd)
   print(f"soak: {summary['completed']}/{summary['requests']} requests, {len(stalls)} faults "
-        f"({summary['declared']} declared, {summary['replacements']} replacements), tokens "
+        f"({summary['declared']} declared, {summary['replacements']} replacements, "
+        f"{summary['store_restarts']} store restarts), tokens "
         f"lost {lost}, duplicates dropped {duplicates}, mismatches {mismatches}; max request "
         f"gap per failure: median {summary['max_request_gap_s_median']}, max "
         f"{summary['max_request_gap_s_max']} s; sample == reference: {match} -> {workdir}")
