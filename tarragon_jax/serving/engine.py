@@ -187,6 +187,24 @@ class Engine(LayerExchange):
         time.sleep(max(0.0, min(min(pending, default=0.0) - time.perf_counter(), 1e-3)))
     raise RuntimeError(f"engine not idle after {max_iterations} iterations")
 
+  def settle(self, timeout_s: float = 30.0):
+    """Waits until the background work of past requests is done: the snapshot store has
+    applied every KV it was sent and no durable-tier write is in flight. Benchmarks call it
+    between timed runs, so that one run's tail is not charged to the next one's clock.
+
+    Raises:
+      TimeoutError: the store is still busy after `timeout_s`.
+    """
+    store = self.store
+    if store is None:
+      return
+    deadline = time.perf_counter() + timeout_s
+    mark = store.mark()
+    while not store.caught_up(mark) or store.flushing:
+      if time.perf_counter() > deadline:
+        raise TimeoutError(f"Engine.settle: the snapshot store is still busy after {timeout_s} s")
+      time.sleep(1e-3)
+
   # -- scheduling ------------------------------------------------------------------------------
 
   def _admit(self, now: float):
