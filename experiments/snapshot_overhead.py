@@ -103,7 +103,7 @@ class PauseAndSnapshot:
       copy = e.aws[a].cache_copy()
       if copy is None:
         raise RuntimeError(f"aw{a} did not answer cache_copy (fault-free run expected)")
-      self.store.base(rows, copy[0], copy[1])
+      self.store.base(a, rows, copy[0], copy[1])
     _drain(self.store)
     self.snapshots += 1
     self.paused_s += time.perf_counter() - t0

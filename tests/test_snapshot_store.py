@@ -116,7 +116,7 @@ def test_gap_is_not_logged_until_a_base_arrives(store):
   assert store.restore_point(9) is None
   # A whole-cache base gives request 9 a restore point; later steps append to it.
   kb, vb = kv(rng, 2, 8)
-  store.base([(9, 1, 3)], kb, vb)
+  store.base(0, [(9, 1, 3)], kb, vb)
   kd, vd = kv(rng, 1, 1)
   step(store, 0, 2, [(9, 0, 3, 1)], kd, vd)
   drain(store)
@@ -126,10 +126,40 @@ def test_gap_is_not_logged_until_a_base_arrives(store):
   np.testing.assert_array_equal(got_v, np.concatenate([vb[:, 1, :3], vd[:, 0]], 1))
 
 
+def test_a_request_resumed_on_another_aw_keeps_its_prefix(store):
+  rng = np.random.default_rng(7)
+  k0, v0 = kv(rng, 2, 4)
+  step(store, 0, 0, [(1, 1, 0, 4)], k0, v0)  # aw0 slot 1
+  k1, v1 = kv(rng, 3, 1)
+  step(store, 1, 1, [(1, 2, 4, 1)], k1, v1)  # aw0 died: resumed on aw1 slot 2
+  drain(store)
+  got_k, got_v = store.restore_point(1)
+  np.testing.assert_array_equal(got_k, np.concatenate([k0[:, 1], k1[:, 2]], 1))
+  np.testing.assert_array_equal(got_v, np.concatenate([v0[:, 1], v1[:, 2]], 1))
+
+
+def test_a_reused_row_of_a_dead_aw_keeps_the_request_that_has_not_resumed_yet(store):
+  rng = np.random.default_rng(8)
+  k0, v0 = kv(rng, 2, 3)
+  step(store, 0, 0, [(1, 0, 0, 3), (2, 1, 0, 2)], k0, v0)
+  # aw0 died; its replacement (aw0 again) admits request 3 into slot 0 before 1 resumes.
+  k1, v1 = kv(rng, 2, 5)
+  step(store, 0, 1, [(3, 0, 0, 5)], k1, v1)
+  drain(store)
+  np.testing.assert_array_equal(store.restore_point(1)[0], k0[:, 0])
+  np.testing.assert_array_equal(store.restore_point(3)[1], v1[:, 0])
+  k2, v2 = kv(rng, 2, 1)
+  step(store, 1, 2, [(1, 1, 3, 1)], k2, v2)  # request 1 resumes on aw1 from its copy
+  drain(store)
+  np.testing.assert_array_equal(store.restore_point(1)[0],
+                                np.concatenate([k0[:, 0], k2[:, 1]], 1))
+  np.testing.assert_array_equal(store.restore_point(2)[0], k0[:, 1, :2])
+
+
 def test_base_sets_and_forget_frees_a_restore_point(store):
   rng = np.random.default_rng(3)
   k, v = kv(rng, 2, 8)
-  store.base([(5, 1, 6)], k, v)
+  store.base(0, [(5, 1, 6)], k, v)
   drain(store)
   assert store.committed(5) == 6
   got_k, got_v = store.restore_point(5)

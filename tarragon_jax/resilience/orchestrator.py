@@ -156,7 +156,7 @@ class Recovery:
                 if r >= 0 and e.requests[r].cached > 0]
         copy = e._call(e.aws[a], lambda w: w.cache_copy()) if rows else None
         if copy is not None:
-          e._to_store("base", rows, copy[0], copy[1])
+          e._to_store("base", a, rows, copy[0], copy[1])
       e.timeline.add("store_base_sent", step=e.iteration)
     self.poll()
 

@@ -2,11 +2,13 @@
 
 After every step each attention worker hands the store that step's new KV, every layer of it,
 as device arrays (`log_step`); the call only enqueues, nothing waits on the decode path. The
-store's own thread copies it to host memory in batches and appends it to a per-AW log: a step's
-tokens are committed (their commit record written) once all of their layers are in host
-memory, and only a row that continues its request's committed prefix is logged. Committed KV is
-persisted in the background with tensorstore (`KVArchive`). An orchestrator reads a request's
-last committed position and its KV back with `restore_point`.
+store's own thread copies it to host memory in batches, into a mirror of that AW's cache rows
+(one vectorised write for all decode rows of a step), and appends the step's commit record to a
+per-AW log: a step's tokens are committed once all of their layers are in host memory, and only
+a row that continues its request's committed prefix is taken. A request restored onto another
+AW brings its prefix to its new row; a dead AW's row is copied out before a replacement reuses
+it. Committed KV is persisted in the background with tensorstore (`KVArchive`). An
+orchestrator reads a request's last committed position and its KV back with `restore_point`.
 
 Legend: L layers, B rows (slots) of the sending AW, T tokens per row, K kv heads, H head dim.
 """
@@ -28,16 +30,22 @@ from tarragon_jax.resilience.kv_archive import CHUNK, KVArchive
 
 @dataclasses.dataclass
 class _RequestKV:
-  k: np.ndarray  # [L, capacity, K, H]
-  v: np.ndarray
+  """Where a request's committed KV lives: row `slot` of AW `aw`'s mirror, or its own arrays
+  (`k`, `v` [L, n, K, H]) once that row was handed to another request before it moved on."""
+  aw: int | None = None
+  slot: int | None = None
+  k: np.ndarray | None = None
+  v: np.ndarray | None = None
   committed: int = 0  # positions [0, committed) are complete in every layer
   archived: int = 0  # positions handed to the durable tier
 
-  def ensure(self, n: int, max_len: int):
-    if n > self.k.shape[1]:
-      cap = min(max(n, 2 * self.k.shape[1]), max_len)
-      pad = ((0, 0), (0, cap - self.k.shape[1]), (0, 0), (0, 0))
-      self.k, self.v = np.pad(self.k, pad), np.pad(self.v, pad)
+
+@dataclasses.dataclass
+class _Mirror:
+  """Host copy of one AW's cache rows: k, v [L, B, max_seq_len, K, H]; owner[slot] = request."""
+  k: np.ndarray
+  v: np.ndarray
+  owner: list
 
 
 class SnapshotStore(FaultDomain):
@@ -52,9 +60,12 @@ class SnapshotStore(FaultDomain):
     self.archive = KVArchive(directory, cfg)
     self._queue: queue.Queue = queue.Queue(max_queue)
     self._kv: dict[int, _RequestKV] = {}
+    self._mirrors: dict[int, _Mirror] = {}  # aw -> its cache rows in host memory
     # aw -> its latest commit records (step seq, {request: committed positions})
     self.log: dict[int, collections.deque] = {}
-    self._lock = threading.Lock()
+    self._lock = threading.Lock()  # the host tier (held while a batch is applied)
+    self._count_lock = threading.Lock()  # the queue counters (never held for long: the AW's
+    # enqueue must not wait behind the store's work)
     self.enqueued = self.processed = 0
     self.bytes_in = 0
     self._oldest_pending: float | None = None
@@ -68,9 +79,10 @@ class SnapshotStore(FaultDomain):
     start position, new tokens)."""
     self._put(("step", aw, seq, rows, k, v))
 
-  def base(self, rows: list[tuple[int, int, int]], k, v):
-    """A whole cache copy (k, v [L, B, T, K, H]) for rows (request id, slot, length)."""
-    self._put(("base", rows, k, v))
+  def base(self, aw: int, rows: list[tuple[int, int, int]], k, v):
+    """A whole cache copy of AW `aw` (k, v [L, B, T, K, H]) for rows (request id, slot,
+    length)."""
+    self._put(("base", aw, rows, k, v))
 
   def forget(self, rid: int):
     """The request finished: its host and durable copies are released."""
@@ -79,7 +91,7 @@ class SnapshotStore(FaultDomain):
   def _put(self, item):
     if self.health is Health.DEAD:
       raise WorkerDead(f"{self.name} is dead")
-    with self._lock:  # count only what was queued (queue.Full goes to the caller)
+    with self._count_lock:  # count only what was queued (queue.Full goes to the caller)
       self._queue.put_nowait(item)
       self.enqueued += 1
       if self._oldest_pending is None:
@@ -89,7 +101,7 @@ class SnapshotStore(FaultDomain):
 
   def lag_s(self) -> float:
     """How long the oldest unprocessed item has waited (0 if the store is caught up)."""
-    with self._lock:
+    with self._count_lock:
       t = self._oldest_pending
     return 0.0 if t is None else time.perf_counter() - t
 
@@ -120,8 +132,8 @@ class SnapshotStore(FaultDomain):
       kv = self._kv.get(rid)
       if kv is None or kv.committed == 0:
         return None
-      n = kv.committed
-      return kv.k[:, :n].copy(), kv.v[:, :n].copy()
+      k, v = self._arrays(kv)
+      return k[:, :kv.committed].copy(), v[:, :kv.committed].copy()
 
   def stop(self):
     """Shuts the store down cleanly (the end of serving, not a failure)."""
@@ -132,7 +144,7 @@ class SnapshotStore(FaultDomain):
   def kill(self):
     super().kill()
     with self._lock:
-      self._kv, self.log = {}, {}
+      self._kv, self._mirrors, self.log = {}, {}, {}
     try:
       self._queue.put_nowait(None)  # wake the thread so that it exits
     except queue.Full:
@@ -164,7 +176,7 @@ class SnapshotStore(FaultDomain):
           self._apply(item)
         except Exception:  # noqa: BLE001 - KV of a killed AW is lost; it never commits
           pass
-      with self._lock:
+      with self._count_lock:
         self.processed += len(batch)
         self._oldest_pending = None if self.processed >= self.enqueued else time.perf_counter()
       self.archive.poll()
@@ -174,44 +186,86 @@ class SnapshotStore(FaultDomain):
 
   def _apply(self, item):
     kind = item[0]
-    L, max_len = self.cfg.num_layers, self.cfg.max_seq_len
     if kind == "step":
       _, aw, seq, rows, k, v = item
       k, v = np.asarray(k), np.asarray(v)  # waits for the AW's device here, off its path
+      position_bytes = 2 * k[:, 0, 0].nbytes  # k and v of one position, every layer
       with self._lock:
-        record = {}
+        mirror, kvs = self._mirror(aw, k), self._kv
+        record, slots, starts = {}, [], []
         for rid, slot, start, n in rows:
-          kv = self._kv.get(rid)
-          if start > 0 and (kv is None or start > kv.committed):
+          kv = kvs.get(rid)
+          if n == 1 and kv is not None and start == kv.committed > 0 and kv.aw == aw \
+              and kv.slot == slot:  # the common case: a decode row continues in place
+            slots.append(slot)
+            starts.append(start)
+          elif start > 0 and (kv is None or start > kv.committed):
             continue  # a gap (the store restarted): no restore point until a base arrives
-          kv = self._request(rid, start + n, L, max_len, fresh=start == 0)
-          kv.k[:, start:start + n] = k[:, slot, :n]
-          kv.v[:, start:start + n] = v[:, slot, :n]
+          else:
+            if kv is None or start == 0:
+              kv = kvs[rid] = _RequestKV()
+            self._occupy(aw, mirror, slot, rid, kv, start)
+            mirror.k[:, slot, start:start + n] = k[:, slot, :n]
+            mirror.v[:, slot, start:start + n] = v[:, slot, :n]
           kv.committed = record[rid] = start + n  # all L layers are in: the commit record
-          self.bytes_in += k[:, slot, :n].nbytes + v[:, slot, :n].nbytes
+          self.bytes_in += n * position_bytes
+        if slots:  # every decode row of the step in one write
+          slots, starts = np.array(slots), np.array(starts)
+          mirror.k[:, slots, starts] = k[:, slots, 0]
+          mirror.v[:, slots, starts] = v[:, slots, 0]
         self.log.setdefault(aw, collections.deque(maxlen=1024)).append((seq, record))
     elif kind == "base":
-      _, rows, k, v = item
+      _, aw, rows, k, v = item
       k, v = np.asarray(k), np.asarray(v)
       with self._lock:
+        mirror = self._mirror(aw, k)
         for rid, slot, n in rows:
-          kv = self._request(rid, n, L, max_len, fresh=True)
-          kv.k[:, :n], kv.v[:, :n] = k[:, slot, :n], v[:, slot, :n]
+          kv = self._kv[rid] = _RequestKV()
+          self._occupy(aw, mirror, slot, rid, kv, 0)
+          mirror.k[:, slot, :n], mirror.v[:, slot, :n] = k[:, slot, :n], v[:, slot, :n]
           kv.committed = n
-          self.bytes_in += k[:, slot, :n].nbytes + v[:, slot, :n].nbytes
+          self.bytes_in += 2 * k[:, slot, :n].nbytes
     elif kind == "forget":
       with self._lock:
         self._kv.pop(item[1], None)
       self.archive.release(item[1])
 
-  def _request(self, rid, n, L, max_len, fresh: bool = False) -> _RequestKV:
-    kv = self._kv.get(rid)
-    if kv is None or fresh:
-      shape = (L, max(16, n), self.cfg.num_kv_heads, self.cfg.head_dim)
-      kv = _RequestKV(np.zeros(shape, self.cfg.dtype), np.zeros(shape, self.cfg.dtype))
-      self._kv[rid] = kv
-    kv.ensure(n, max_len)
-    return kv
+  def _mirror(self, aw: int, k: np.ndarray) -> _Mirror:
+    """AW `aw`'s mirror, with at least k's B rows (made on its first step)."""
+    mirror = self._mirrors.get(aw)
+    L, B, _, K, H = k.shape
+    if mirror is None or B > len(mirror.owner):
+      shape = (L, B, self.cfg.max_seq_len, K, H)
+      grown = _Mirror(np.zeros(shape, k.dtype), np.zeros(shape, k.dtype), [None] * B)
+      if mirror is not None:
+        b = len(mirror.owner)
+        grown.k[:, :b], grown.v[:, :b], grown.owner[:b] = mirror.k, mirror.v, mirror.owner
+      mirror = self._mirrors[aw] = grown
+    return mirror
+
+  def _occupy(self, aw: int, mirror: _Mirror, slot: int, rid: int, kv: _RequestKV, keep: int):
+    """Makes row `slot` of AW `aw`'s mirror request `rid`'s home, keeping its first `keep`
+    positions. A live request that still lives there is first copied out (its AW died and a
+    replacement reused the slot before the request resumed elsewhere)."""
+    if (kv.aw, kv.slot) == (aw, slot):
+      return
+    old = self._kv.get(mirror.owner[slot])
+    if old is not None and old is not kv and (old.aw, old.slot) == (aw, slot):
+      old.k = mirror.k[:, slot, :old.committed].copy()
+      old.v = mirror.v[:, slot, :old.committed].copy()
+      old.aw = old.slot = None
+    if keep:  # the request resumed here (restored after a failure): bring its prefix along
+      k, v = self._arrays(kv)
+      mirror.k[:, slot, :keep], mirror.v[:, slot, :keep] = k[:, :keep], v[:, :keep]
+    kv.aw, kv.slot, kv.k, kv.v = aw, slot, None, None
+    mirror.owner[slot] = rid
+
+  def _arrays(self, kv: _RequestKV) -> tuple[np.ndarray, np.ndarray]:
+    """Views (k, v) [L, n, K, H] of a request's KV, wherever it lives."""
+    if kv.aw is None:
+      return kv.k, kv.v
+    mirror = self._mirrors[kv.aw]
+    return mirror.k[:, kv.slot], mirror.v[:, kv.slot]
 
   def _flush(self):
     """Stages every newly committed whole chunk (16 positions) for the durable tier.
@@ -226,8 +280,8 @@ class SnapshotStore(FaultDomain):
       for rid, kv in self._kv.items():
         hi = kv.committed // CHUNK * CHUNK
         if hi > kv.archived:
-          todo.append((rid, kv.archived, kv.k[:, kv.archived:hi].copy(),
-                       kv.v[:, kv.archived:hi].copy()))
+          k, v = self._arrays(kv)
+          todo.append((rid, kv.archived, k[:, kv.archived:hi].copy(), v[:, kv.archived:hi].copy()))
           kv.archived = hi
     for rid, lo, k, v in todo:
       self.archive.write(rid, lo, k, v)

@@ -60,8 +60,8 @@ class RemoteStore(FaultDomain):
   def log_step(self, aw: int, seq: int, rows, k, v):
     self._cast("log_step", aw, seq, rows, k, v)
 
-  def base(self, rows, k, v):
-    self._cast("base", rows, k, v)
+  def base(self, aw: int, rows, k, v):
+    self._cast("base", aw, rows, k, v)
 
   def forget(self, rid: int):
     self._cast("forget", rid)
