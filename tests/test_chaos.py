@@ -34,7 +34,9 @@ def _params():
 
 
 def _engine(faults: str = "", **resilience) -> Engine:
-  rc = ResilienceConfig(flush_interval_s=resilience.pop("flush_interval_s", 0.02), **resilience)
+  # Short requests: small durable chunks, flushed often (faults at `when=flush` need flushes).
+  rc = ResilienceConfig(flush_interval_s=resilience.pop("flush_interval_s", 0.02),
+                        durable_chunk=resilience.pop("durable_chunk", 16), **resilience)
   ec = EngineConfig(plan=PLAN, slots_per_aw=2, shadows_per_expert=2, resilience=rc)
   return Engine(CFG, _params(), ec, faults=parse_faults(faults))
 

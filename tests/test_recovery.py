@@ -96,7 +96,7 @@ def test_failover_and_restore_compile_nothing_after_warm_up():
 
 
 def test_the_durable_tier_holds_what_the_aw_cache_holds(tmp_path):
-  engine = _engine(store_dir=str(tmp_path))
+  engine = _engine(store_dir=str(tmp_path), durable_chunk=16)
   ids = [engine.submit(Request(p, MAX_NEW)) for p in PROMPTS]
   while engine.iteration < 22:
     engine.step()

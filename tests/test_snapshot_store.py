@@ -24,7 +24,7 @@ L, K, H = CFG.num_layers, CFG.num_kv_heads, CFG.head_dim
 
 @pytest.fixture
 def store(tmp_path):
-  s = SnapshotStore(CFG, str(tmp_path), flush_interval_s=0.02)
+  s = SnapshotStore(CFG, str(tmp_path), flush_interval_s=0.02, durable_chunk=16)
   yield s
   s.stop()
 
@@ -237,9 +237,34 @@ def test_durable_tier_holds_whole_committed_chunks(store, tmp_path):
   store.forget(1)
   drain(store)
   assert store.restore_point(1) is None
+  wait_for(lambda: 1 not in store.archive.durable, what="request 1 to leave the commit file")
   assert "1" not in json.loads((tmp_path / "commits.json").read_text())
   with pytest.raises(KeyError, match="request 1"):
     kv_archive.read_archive(str(tmp_path), 1)
+
+
+def test_a_slot_the_commit_file_lists_is_not_reused_until_a_file_without_it_lands(tmp_path):
+  archive = kv_archive.KVArchive(str(tmp_path), CFG, capacity=1, chunk=16)
+  rng = np.random.default_rng(9)
+  k1, v1 = kv(rng, 1, 16)
+  archive.write(1, 0, k1[:, 0], v1[:, 0])
+  archive.commit()
+  archive.poll_until_idle()
+  assert archive.durable == {1: 16}
+  archive.release(1)
+  k2, v2 = kv(rng, 1, 16)
+  archive.write(2, 0, k2[:, 0], v2[:, 0])  # the only slot is still listed for request 1
+  archive.commit()
+  assert archive.durable == {1: 16}
+  np.testing.assert_array_equal(kv_archive.read_archive(str(tmp_path), 1)[0], k1[:, 0])
+  archive.poll_until_idle()
+  assert archive.durable == {2: 16}
+  np.testing.assert_array_equal(kv_archive.read_archive(str(tmp_path), 2)[1], v2[:, 0])
+  archive.write(2, 0, k1[:, 0], v1[:, 0])  # recomputed from scratch: a fresh slot again
+  archive.commit()
+  np.testing.assert_array_equal(kv_archive.read_archive(str(tmp_path), 2)[1], v2[:, 0])
+  archive.poll_until_idle()
+  np.testing.assert_array_equal(kv_archive.read_archive(str(tmp_path), 2)[1], v1[:, 0])
 
 
 def test_token_stream_exactly_once():

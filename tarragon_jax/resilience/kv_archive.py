@@ -3,14 +3,16 @@
 Layout under the archive directory, readable with the standard tensorstore/zarr reader:
 
   kv             one zarr3 array [R, 2, L, max_seq_len, K, H] (R request slots, k then v),
-                 one chunk per request slot and 16 positions; grows when slots run out
+                 one chunk (file) per request slot and `chunk` positions (64 by default);
+                 grows when slots run out
   commits.json   {"<request id>": {"slot": r, "n": n}}: positions [0, n) of that request are
                  on disk in kv[r]
 
 Background writes must stay cheap: the tensorstore I/O threads share the CPU with serving.
 Hence one array opened once (creating zarr arrays per request cost ~15% of decode throughput
 on the 2-core machines) and one transaction per flush (about 10x less CPU than one write per
-request). `commits.json` is replaced atomically and only after the transaction it covers has
+request). `commits.json` is replaced atomically (tensorstore's file kvstore, asynchronously:
+a slow disk never holds up the store's thread) and only after the transaction it covers has
 committed, so a reader never sees a commit whose data is missing.
 """
 
@@ -18,13 +20,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import tensorstore as ts
 
 from tarragon_jax.config import ModelConfig
 
-CHUNK = 16
+CHUNK = 64  # positions per chunk file, by default
 
 
 def _spec(directory: str) -> dict:
@@ -32,45 +35,55 @@ def _spec(directory: str) -> dict:
 
 
 class KVArchive:
-  """Writes committed KV ranges in the background (tensorstore's own I/O threads)."""
+  """Writes committed KV ranges in the background (tensorstore's own I/O threads).
 
-  def __init__(self, directory: str, cfg: ModelConfig, capacity: int = 256):
-    self.directory, self.cfg = directory, cfg
+  Nothing here waits for the disk: data goes out in one transaction per flush, and the commit
+  file is written asynchronously too (through tensorstore's file kvstore, atomically), one
+  version at a time, each only after the data it lists has landed. A slot the commit file on
+  disk still lists is never written: a released (or rewritten) request's slot is retired and
+  reused only once a commit file without it has landed.
+  """
+
+  def __init__(self, directory: str, cfg: ModelConfig, capacity: int = 256, chunk: int = CHUNK):
+    self.directory, self.cfg, self.chunk = directory, cfg, chunk
     os.makedirs(directory, exist_ok=True)
     shape = [capacity, 2, cfg.num_layers, cfg.max_seq_len, cfg.num_kv_heads, cfg.head_dim]
     spec = _spec(directory)
     spec["metadata"] = {
         "shape": shape, "data_type": np.dtype(cfg.dtype).name,
         "chunk_grid": {"name": "regular",
-                       "configuration": {"chunk_shape": [1, 2, shape[2], CHUNK, *shape[4:]]}}}
-    # No fsync per chunk file: the tier must outlive the store's process (a killed process's
-    # writes are in the page cache), not the host; fsync doubled the tier's CPU cost.
+                       "configuration": {"chunk_shape": [1, 2, shape[2], chunk, *shape[4:]]}}}
+    # No fsync per file: the tier must outlive the store's process (a killed process's writes
+    # are in the page cache), not the host; fsync doubled the tier's CPU cost.
     context = ts.Context({"file_io_sync": False})
     self._array = ts.open(spec, create=True, delete_existing=True, context=context).result()
-    self._slot: dict[int, int] = {}  # request -> slot in the array
+    self._files = ts.KvStore.open({"driver": "file", "path": directory + os.sep},
+                                  context=context).result()
+    self._slot: dict[int, int] = {}  # request -> the slot its KV is written to
     self._free = list(range(capacity))[::-1]
+    self._retired: list[int] = []  # slots to reuse once the commit file on disk omits them
     self._txn: ts.Transaction | None = None  # the flush being assembled
     self._pending: list = []  # commit future of the flush in flight
-    self._pending_commits: dict[int, int] = {}
+    self._pending_commits: dict[int, int] = {}  # request -> positions, once `_pending` lands
+    self._landed: dict[int, tuple[int, int]] = {}  # request -> (slot, n) whose data landed
+    self._dirty = False  # `_landed` differs from the commit file being (or last) written
+    self._publishing: tuple | None = None  # (future, content) of the commit file in flight
     self.durable: dict[int, int] = {}  # request -> positions on disk (in the commit file)
     self.bytes_written = 0
-    self._publish({})
+    self._start_publish()
+    self.poll_until_idle()
 
   @property
   def flushing(self) -> bool:
-    return bool(self._pending)
+    """Whether a data or commit-file write is in flight or due."""
+    return bool(self._pending) or self._publishing is not None or self._dirty
 
   def write(self, rid: int, lo: int, k: np.ndarray, v: np.ndarray):
     """Queues positions [lo, lo + n) of request `rid`; k, v [L, n, K, H]."""
-    if lo == 0 and self.durable.pop(rid, None) is not None:
-      self._publish()  # recomputed from scratch: no commit may describe the old copy
+    if lo == 0 and rid in self._slot:  # recomputed from scratch: a new slot (the commit
+      self._retire(rid)                # file may still list the old copy)
     if rid not in self._slot:
-      if not self._free:
-        capacity = self._array.shape[0]
-        self._array = self._array.resize(exclusive_max=[2 * capacity, *self._array.shape[1:]]
-                                         ).result()
-        self._free = list(range(capacity, 2 * capacity))[::-1]
-      self._slot[rid] = self._free.pop()
+      self._slot[rid] = self._take_slot()
     hi = lo + k.shape[1]
     if self._txn is None:
       self._txn = ts.Transaction()
@@ -86,33 +99,62 @@ class KVArchive:
       self._txn = None
 
   def release(self, rid: int):
-    """The request finished: its slot may be reused (its entry leaves the next commit file)."""
+    """The request finished: it leaves the next commit file; its slot is reused after that."""
     self._pending_commits.pop(rid, None)
-    if self.durable.pop(rid, None) is not None:
-      self._publish()
     if rid in self._slot:
-      self._free.append(self._slot.pop(rid))
+      self._retire(rid)
 
   def poll(self) -> bool:
-    """Publishes the commit file once every queued write has landed; True if it did."""
-    if not self._pending or not all(f.done() for f in self._pending):
-      return False
-    for f in self._pending:
-      f.result()
-    self._pending = []
-    durable = {**self.durable, **{r: n for r, n in self._pending_commits.items()
-                                  if r in self._slot}}
-    self._pending_commits = {}
-    self._publish(durable)
-    self.durable = durable
-    return True
+    """Advances the background writes without waiting; True if a commit file landed."""
+    landed = False
+    if self._publishing is not None and self._publishing[0].done():
+      future, content = self._publishing
+      future.result()
+      self._publishing = None
+      self.durable = {r: n for r, (_, n) in content.items()}
+      listed = {slot for slot, _ in content.values()}
+      self._free.extend(s for s in self._retired if s not in listed)
+      self._retired = [s for s in self._retired if s in listed]
+      landed = True
+    if self._pending and all(f.done() for f in self._pending):
+      for f in self._pending:
+        f.result()
+      self._pending = []
+      self._landed.update({r: (self._slot[r], n) for r, n in self._pending_commits.items()
+                           if r in self._slot})
+      self._pending_commits = {}
+      self._dirty = True
+    if self._dirty and self._publishing is None:
+      self._start_publish()
+    return landed
 
-  def _publish(self, durable: dict[int, int] | None = None):
-    durable = self.durable if durable is None else durable
-    tmp = os.path.join(self.directory, "commits.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump({str(r): {"slot": self._slot[r], "n": n} for r, n in durable.items()}, f)
-    os.replace(tmp, os.path.join(self.directory, "commits.json"))
+  def poll_until_idle(self, timeout_s: float = 60.0):
+    """Waits for every write in flight (tests, and the initial empty commit file)."""
+    deadline = time.perf_counter() + timeout_s
+    while self.flushing:
+      if time.perf_counter() > deadline:
+        raise TimeoutError(f"{self.directory}: durable writes still in flight after {timeout_s} s")
+      self.poll()
+      time.sleep(1e-3)
+
+  def _retire(self, rid: int):
+    self._retired.append(self._slot.pop(rid))
+    if self._landed.pop(rid, None) is not None:
+      self._dirty = True
+
+  def _take_slot(self) -> int:
+    if not self._free:
+      capacity = self._array.shape[0]
+      self._array = self._array.resize(exclusive_max=[2 * capacity, *self._array.shape[1:]]
+                                       ).result()
+      self._free = list(range(capacity, 2 * capacity))[::-1]
+    return self._free.pop()
+
+  def _start_publish(self):
+    content = dict(self._landed)
+    body = json.dumps({str(r): {"slot": slot, "n": n} for r, (slot, n) in content.items()})
+    self._publishing = (self._files.write("commits.json", body.encode()), content)
+    self._dirty = False
 
 
 def read_archive(directory: str, rid: int) -> tuple[np.ndarray, np.ndarray]:

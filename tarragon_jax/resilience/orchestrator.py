@@ -106,7 +106,7 @@ class Recovery:
     e, rc = self.e, self.e.engine_cfg.resilience
     self._store_gen += 1
     return e.runtime.new_store(e.cfg, os.path.join(e.store_dir, f"gen{self._store_gen}"),
-                               rc.flush_interval_s, rc.detection)
+                               rc.store_options, rc.detection)
 
   def watch_store(self):
     """Declares a store failed that stopped draining its queue and does not answer probes."""
@@ -163,8 +163,9 @@ class Recovery:
   def poll(self):
     self.watch_store()
 
-  def placed(self):
-    """Called after each step's admissions and restores: background repair may start."""
+  def placed(self, busy: bool):
+    """Called after each step's admissions and restores (`busy`: the step has rows to run):
+    background repair may start."""
 
   def probe_idle(self):
     """Probes every member once per probe interval, so that a worker that dies while it has
@@ -236,8 +237,9 @@ class Tarragon(Recovery):
   def __init__(self, engine):
     super().__init__(engine)
     self._builds: list[_Build] = []
-    self._to_build: list[tuple[str, int]] = []
+    self._to_build: list[tuple[str, int, int]] = []  # (kind, index, iteration it failed in)
     self._generation = 0
+    self._store_synced: tuple | None = None  # (store, mark) it was last seen caught up to
 
   @property
   def recovering(self) -> bool:
@@ -260,7 +262,7 @@ class Tarragon(Recovery):
       self.fence(e.ews[m])
       e.failed_ews.add(m)
       e.timeline.add("ew_failed", ew=m, layer=layer, step=e.iteration)
-      self._to_build.append(("ew", m))
+      self._to_build.append(("ew", m, e.iteration))
     table = self._table()
     if table.unreachable():  # no replica left: wait for the replacements (a stall, recorded)
       e.timeline.add("experts_unreachable", pairs=len(table.unreachable()))
@@ -288,7 +290,7 @@ class Tarragon(Recovery):
       s.failed_at = (s.cached, len(s.feed))
     e.waiting = rids + [r for r in e.waiting if r not in rids]
     e.timeline.add("aw_failed", aw=a, layer=layer, step=e.iteration, requests=rids)
-    self._to_build.append(("aw", a))
+    self._to_build.append(("aw", a, e.iteration))
 
   def restore(self, s: RequestState):
     """Restores a request placed on (s.aw, s.slot) from the store, or leaves it to re-prefill."""
@@ -298,9 +300,13 @@ class Tarragon(Recovery):
     if store is not None:
       try:
         mark = store.mark()
-        if e.detector.silent(store, lambda: store.caught_up(mark)):
+        # The store must have applied every step sent so far; once it has, restores of the
+        # same admission round (nothing is sent in between) need not wait again.
+        if (store, mark) != self._store_synced and e.detector.silent(
+            store, lambda: store.caught_up(mark)):
           self.store_failed()
         else:
+          self._store_synced = (store, mark)
           point = store.restore_point(s.id)
       except WorkerDead:
         e.detector.closed(store, t0)
@@ -339,16 +345,20 @@ class Tarragon(Recovery):
       b.thread.join()
     super().close()
 
-  def placed(self):
-    """Starts the replacements asked for during the last step, once its repair is done and
-    the failed worker's requests are restored on survivors (a build's weight copy would
-    otherwise compete with those restores for the host)."""
-    self._start_builds()
+  def placed(self, busy: bool):
+    """Starts a replacement once the step after its worker's failure has run: that step
+    serves the failed AW's requests restored on survivors (or the failed EW's experts from
+    shadows), and a build's weight copy and set-up would compete with it for the host. Service
+    is restored first, capacity after; with nothing to run, builds start at once."""
+    self._start_builds(None if not busy else self.e.iteration - 2)
 
-  def _start_builds(self):
-    todo, self._to_build = self._to_build, []
+  def _start_builds(self, failed_by: int | None = None):
+    """Starts the replacements for workers that failed in iteration `failed_by` or earlier
+    (None: all)."""
+    todo = [b for b in self._to_build if failed_by is None or b[2] <= failed_by]
+    self._to_build = [b for b in self._to_build if b not in todo]
     if self.e.engine_cfg.resilience.replace_failed:
-      for kind, index in todo:
+      for kind, index, _ in todo:
         self._provision(kind, index)
 
   def _provision(self, kind: str, index: int):

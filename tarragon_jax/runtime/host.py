@@ -52,7 +52,7 @@ def to_host(x):
 def build(spec: dict):
   cfg = ModelConfig.from_dict(spec["config"])
   if spec["kind"] == "store":
-    return SnapshotStore(cfg, spec["directory"], spec["flush_interval_s"])
+    return SnapshotStore(cfg, spec["directory"], **spec["options"])
   cell = Cell(f"{spec['kind']}{spec['index']}", (jax.devices()[0],))
   _, params = load_checkpoint(spec["weights_dir"], shardings=cell.replicated())
   if spec["kind"] == "aw":

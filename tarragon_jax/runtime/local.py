@@ -21,9 +21,9 @@ class LocalRuntime:
   def transfers(self) -> Transfers:
     return Transfers()
 
-  def new_store(self, cfg, directory: str, flush_interval_s: float, detection) -> SnapshotStore:
+  def new_store(self, cfg, directory: str, options: dict, detection) -> SnapshotStore:
     del detection  # a store thread in this process is probed through its health
-    return SnapshotStore(cfg, directory, flush_interval_s)
+    return SnapshotStore(cfg, directory, **options)
 
   def close(self):
     pass

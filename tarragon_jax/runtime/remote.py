@@ -183,11 +183,11 @@ class ProcessRuntime:
         raise RemoteError(f"{w.name}: init failed: {err}") from err
     return workers
 
-  def new_store(self, cfg, directory: str, flush_interval_s: float, detection) -> RemoteStore:
+  def new_store(self, cfg, directory: str, options: dict, detection) -> RemoteStore:
     """A snapshot store process (the standby, if one was started), and the next standby."""
     child = self._standby_store or self._store_spawner.spawn(None, self.compile_cache)
     self._standby_store = self._store_spawner.spawn(None, self.compile_cache)
-    store = RemoteStore(child, cfg, directory, flush_interval_s, detection)
+    store = RemoteStore(child, cfg, directory, options, detection)
     self.stores.append(store)
     return store
 

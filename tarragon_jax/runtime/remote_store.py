@@ -25,8 +25,9 @@ from tarragon_jax.runtime.channel import Connection, Pending, RemoteError
 class RemoteStore(FaultDomain):
   """A snapshot store process; `child` is its (started) process handle."""
 
-  def __init__(self, child, cfg: ModelConfig, directory: str, flush_interval_s: float,
+  def __init__(self, child, cfg: ModelConfig, directory: str, options: dict,
                detection: DetectionConfig, name: str = "store"):
+    """`options`: `SnapshotStore`'s keyword arguments (`ResilienceConfig.store_options`)."""
     self.child, self.name, self.detection = child, name, detection
     probe = detection.probe_interval_s
     address, probe_address = child.ready()
@@ -34,8 +35,7 @@ class RemoteStore(FaultDomain):
                            heartbeat_timeout_s=3 * probe)
     # Not waited for: later requests queue behind it, and a failed init fails the first call.
     self._init = self._request({"op": "init", "spec": dict(
-        kind="store", config=cfg.to_dict(), directory=directory,
-        flush_interval_s=flush_interval_s)})
+        kind="store", config=cfg.to_dict(), directory=directory, options=options)})
     self._alive_at = time.perf_counter()
     self._stopped, self._bytes_in = False, None
 

@@ -281,9 +281,9 @@ class Engine(LayerExchange):
   def _step(self) -> bool:
     self.recovery.step_boundary()
     self._admit(time.perf_counter())
-    self.recovery.placed()
     batches, T = self._batches()
     live = [a for a, b in enumerate(batches) if b is not None]
+    self.recovery.placed(busy=bool(live))
     if not live:
       self._fire_faults(0)
       self.recovery.probe_idle()

@@ -20,6 +20,7 @@ class ResilienceConfig:
   replace_failed: bool = True  # failed AWs/EWs get a replacement on spare devices
   replace_store: bool = True  # a failed store is restarted at once (else: `restart:store` fault)
   flush_interval_s: float = 0.2  # the store's durable tier is written this often
+  durable_chunk: int = 64  # positions per durable chunk file (the tier lags < one chunk)
   store_dir: str | None = None  # durable snapshot tier; a temporary directory if None
   weights_dir: str | None = None  # orbax checkpoint for replacements/restarts; saved if None
 
@@ -29,6 +30,13 @@ class ResilienceConfig:
                        f"{RECOVERY_MODES}")
     if not self.flush_interval_s > 0:
       raise ValueError(f"ResilienceConfig: flush_interval_s={self.flush_interval_s} must be > 0")
+    if not self.durable_chunk >= 1:
+      raise ValueError(f"ResilienceConfig: durable_chunk={self.durable_chunk} must be >= 1")
+
+  @property
+  def store_options(self) -> dict:
+    """Keyword arguments of `SnapshotStore` (a store process gets them as they are)."""
+    return dict(flush_interval_s=self.flush_interval_s, durable_chunk=self.durable_chunk)
 
 
 @dataclasses.dataclass(frozen=True)
