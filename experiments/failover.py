@@ -210,12 +210,15 @@ def _report(runs: list[dict], throughput: list[dict], cd) -> dict:
       ratios[kind] = None
       print(f"{kind.upper()} failure: no request was in flight at the fault; no ratio")
       continue
-    ratios[kind] = {k: g[k] / t[k] if t[k] > 0 else float("inf")
+    # None where Tarragon's value is 0 (no request waited beyond its usual token gap).
+    ratios[kind] = {k: g[k] / t[k] if t[k] > 0 else None
                     for k in ("service_stall_s", "max_request_stall_s")}
+    shown = {k: "n/a (Tarragon: none)" if r is None else f"{r:.0f}x"
+             for k, r in ratios[kind].items()}
     phases = g["restart_phases"][0] if g["restart_phases"] else {}
     print(f"{kind.upper()} failure, baseline / Tarragon: service stall "
-          f"{ratios[kind]['service_stall_s']:.0f}x, max request stall "
-          f"{ratios[kind]['max_request_stall_s']:.0f}x; baseline restart: "
+          f"{shown['service_stall_s']}, max request stall {shown['max_request_stall_s']}; "
+          "baseline restart: "
           + ", ".join(f"{k[:-2]} {v:.3f}s" for k, v in phases.items() if k.endswith("_s")))
   tp = {}
   for r in throughput:
