@@ -81,6 +81,28 @@ def test_an_aw_failure_recomputes_at_most_the_uncommitted_tail():
     assert a["bytes"] > 0 and b["bytes"] == 0
 
 
+def test_a_replacement_starts_after_the_restored_requests_have_been_served():
+  engine = _engine("kill:aw1@step=14,layer=2")
+  assert [tuple(t) for t in _serve(engine)] == _fault_free()
+  started = engine.timeline.of("replacement_started")
+  assert [ev["worker"] for ev in started] == ["aw1"]
+  restored = {r["request"] for r in engine.recovery.restores}
+  fault_t = engine.timeline.of("fault")[0]["t"]
+  first_after = {r: min(ev.time for ev in engine.events
+                        if ev.request_id == r and ev.time > fault_t) for r in restored}
+  assert restored and max(first_after.values()) < started[0]["t"]  # service first
+  assert engine.timeline.of("replacement_joined")  # then capacity
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("recovery", "bogus", "recovery='bogus'; use one of"),
+    ("flush_interval_s", 0.0, "flush_interval_s=0.0 must be > 0"),
+    ("durable_chunk", 0, "durable_chunk=0 must be >= 1")])
+def test_a_bad_resilience_config_names_the_value(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    ResilienceConfig(**{field: value})
+
+
 def test_failover_and_restore_compile_nothing_after_warm_up():
   engine = _engine("kill:ew0@step=6,layer=1; kill:aw2@step=9,layer=3", replace_failed=False)
   engine.warm_up([1, 16])

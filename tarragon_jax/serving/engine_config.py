@@ -6,6 +6,7 @@ import dataclasses
 
 from tarragon_jax.mesh.cells import CellPlan
 from tarragon_jax.resilience.detector import DetectionConfig
+from tarragon_jax.resilience.kv_archive import CHUNK
 
 RECOVERY_MODES = ("tarragon", "global_restart")
 
@@ -20,7 +21,7 @@ class ResilienceConfig:
   replace_failed: bool = True  # failed AWs/EWs get a replacement on spare devices
   replace_store: bool = True  # a failed store is restarted at once (else: `restart:store` fault)
   flush_interval_s: float = 0.2  # the store's durable tier is written this often
-  durable_chunk: int = 64  # positions per durable chunk file (the tier lags < one chunk)
+  durable_chunk: int = CHUNK  # positions per durable chunk file (the tier lags < one chunk)
   store_dir: str | None = None  # durable snapshot tier; a temporary directory if None
   weights_dir: str | None = None  # orbax checkpoint for replacements/restarts; saved if None
 
