@@ -163,11 +163,11 @@ def check(req: Request, store: SnapshotStore, method: str, i: int) -> dict:
 def fill_store(store: SnapshotStore, req: Request, indices) -> None:
   """Logs request i's steps as an AW would: its prefill, then one token per decode step."""
   P = len(req.prompt)
-  k, v = req.k[:, None], req.v[:, None]  # [L, B=1, positions, K, H]
+  kv = np.stack([req.k, req.v])[:, :, None]  # [2, L, B=1, positions, K, H]
   for i in indices:
-    store.log_step(0, 0, [(i, 0, 0, P)], k[:, :, :P], v[:, :, :P])
+    store.log_step(0, 0, [(i, 0, 0, P)], kv[:, :, :, :P])
     for j in range(P, P + i):
-      store.log_step(0, j - P + 1, [(i, 0, j, 1)], k[:, :, j:j + 1], v[:, :, j:j + 1])
+      store.log_step(0, j - P + 1, [(i, 0, j, 1)], kv[:, :, :, j:j + 1])
   mark, deadline = store.mark(), time.perf_counter() + 60
   while not store.caught_up(mark):
     if time.perf_counter() > deadline:

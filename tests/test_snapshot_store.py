@@ -49,7 +49,8 @@ def kv(rng, B, T):
 
 
 def step(s, aw, seq, rows, k, v):
-  s.log_step(aw, seq, rows, k, v)
+  """Logs a step as an AW does: k and v stacked [2, L, B, T, K, H]."""
+  s.log_step(aw, seq, rows, _Lost() if isinstance(k, _Lost) else np.stack([k, v]))
 
 
 class _Lost:
@@ -178,7 +179,7 @@ def test_killed_store_refuses_calls(store):
   store.kill()
   assert not store.probe()
   with pytest.raises(WorkerDead):
-    store.log_step(0, 1, [(1, 0, 2, 1)], k, v)
+    store.log_step(0, 1, [(1, 0, 2, 1)], np.stack([k, v]))
   with pytest.raises(WorkerDead):
     store.restore_point(1)
   assert store.committed(1) == 0  # its host copies are gone

@@ -1,16 +1,21 @@
 """The snapshot store: asynchronous, incremental KV-cache snapshots with per-request restore.
 
 After every step each attention worker hands the store that step's new KV, every layer of it,
-as device arrays (`log_step`); the call only enqueues, nothing waits on the decode path. The
+as one device array (`log_step`); the call only enqueues, nothing waits on the decode path. The
 store's own thread copies it to host memory in batches, into a mirror of that AW's cache rows
-(one vectorised write for all decode rows of a step), and appends the step's commit record to a
+(one host copy and one vectorised write for all decode rows of a step), and appends the step's commit record to a
 per-AW log: a step's tokens are committed once all of their layers are in host memory, and only
 a row that continues its request's committed prefix is taken. A request restored onto another
 AW brings its prefix to its new row; a dead AW's row is copied out before a replacement reuses
 it. Committed KV is persisted in the background with tensorstore (`KVArchive`). An
 orchestrator reads a request's last committed position and its KV back with `restore_point`.
 
-Legend: L layers, B rows (slots) of the sending AW, T tokens per row, K kv heads, H head dim.
+Legend: L layers, B rows (slots) of the sending AW, T tokens per row, S max_seq_len, K kv
+heads, H head dim; a leading 2 stacks k and v.
+
+The store's thread holds the GIL while it works, and on a small host every microsecond of it is
+taken from the serving loop, so its per-step path is kept to one host copy, one numpy write and
+a short loop over the step's rows.
 """
 
 from __future__ import annotations
@@ -42,10 +47,18 @@ class _RequestKV:
 
 @dataclasses.dataclass
 class _Mirror:
-  """Host copy of one AW's cache rows: k, v [L, B, max_seq_len, K, H]; owner[slot] = request."""
-  k: np.ndarray
-  v: np.ndarray
+  """Host copy of one AW's cache rows: kv [2, L, B, S, K, H]; owner[slot] = request.
+
+  `cells` views kv as [2L, B * S, K * H], so that a step's decode rows (row b's position p is
+  cell b * S + p) are written with one fancy index.
+  """
+  kv: np.ndarray
   owner: list
+  cells: np.ndarray = dataclasses.field(init=False)
+
+  def __post_init__(self):
+    two, L, B, S, K, H = self.kv.shape
+    self.cells = self.kv.reshape(two * L, B * S, K * H)
 
 
 class SnapshotStore(FaultDomain):
@@ -55,10 +68,13 @@ class SnapshotStore(FaultDomain):
                durable_chunk: int = CHUNK, max_queue: int = 100_000, name: str = "store"):
     self.cfg, self.name = cfg, name
     self.flush_interval_s = flush_interval_s
-    self.batch_s = 0.005  # the thread applies what queued up in this long (unless hurried)
+    # The thread applies what queued up in this long (unless hurried: a restore or `settle`
+    # calls `mark`): a few steps of every AW at once cost half the CPU of one step at a time.
+    self.batch_s = 0.05
     self._hurry = threading.Event()
     self.archive = KVArchive(directory, cfg, chunk=durable_chunk)
-    self._queue: queue.Queue = queue.Queue(max_queue)
+    self.max_queue = max_queue
+    self._queue: queue.SimpleQueue = queue.SimpleQueue()  # C-level put/get: cheap for the AW
     self._kv: dict[int, _RequestKV] = {}
     self._mirrors: dict[int, _Mirror] = {}  # aw -> its cache rows in host memory
     # aw -> its latest commit records (step seq, {request: committed positions})
@@ -74,14 +90,14 @@ class SnapshotStore(FaultDomain):
 
   # -- AW side: enqueue only ----------------------------------------------------------------
 
-  def log_step(self, aw: int, seq: int, rows: list[tuple[int, int, int, int]], k, v):
-    """Step `seq` of AW `aw`: k, v [L, B, T, K, H] (device arrays); rows are (request id, slot,
-    start position, new tokens)."""
-    self._put(("step", aw, seq, rows, k, v))
+  def log_step(self, aw: int, seq: int, rows: list[tuple[int, int, int, int]], kv):
+    """Step `seq` of AW `aw`: kv [2, L, B, T, K, H] (a device array); rows are (request id,
+    slot, start position, new tokens)."""
+    self._put(("step", aw, seq, rows, kv))
 
   def base(self, aw: int, rows: list[tuple[int, int, int]], k, v):
-    """A whole cache copy of AW `aw` (k, v [L, B, T, K, H]) for rows (request id, slot,
-    length)."""
+    """A whole cache copy of AW `aw` (the cache's own k, v [L, B, S, K, H]) for rows (request
+    id, slot, length)."""
     self._put(("base", aw, rows, k, v))
 
   def forget(self, rid: int):
@@ -91,8 +107,11 @@ class SnapshotStore(FaultDomain):
   def _put(self, item):
     if self.health is Health.DEAD:
       raise WorkerDead(f"{self.name} is dead")
-    with self._count_lock:  # count only what was queued (queue.Full goes to the caller)
-      self._queue.put_nowait(item)
+    if self._queue.qsize() >= self.max_queue:
+      raise queue.Full(f"{self.name}: {self.max_queue} items queued (max_queue); the store is "
+                       "not draining")
+    with self._count_lock:
+      self._queue.put(item)
       self.enqueued += 1
       if self._oldest_pending is None:
         self._oldest_pending = time.perf_counter()
@@ -145,10 +164,7 @@ class SnapshotStore(FaultDomain):
     super().kill()
     with self._lock:
       self._kv, self._mirrors, self.log = {}, {}, {}
-    try:
-      self._queue.put_nowait(None)  # wake the thread so that it exits
-    except queue.Full:
-      pass
+    self._queue.put(None)  # wake the thread so that it exits
 
   # -- the store's thread -------------------------------------------------------------------
 
@@ -158,15 +174,15 @@ class SnapshotStore(FaultDomain):
       if self.health is Health.HUNG:
         time.sleep(self.flush_interval_s / 10)  # a hung store does nothing at all
         continue
-      batch = []
       try:  # whatever is queued is applied as one batch: fewer hand-offs of the GIL
-        batch.append(self._queue.get(timeout=self.flush_interval_s / 4))
+        batch = [self._queue.get(timeout=self.flush_interval_s / 4)]
+      except queue.Empty:
+        batch = []
+      else:
         self._hurry.wait(self.batch_s)  # let a few steps queue up: fewer thread hand-offs
         self._hurry.clear()
-        while True:
-          batch.append(self._queue.get_nowait())
-      except queue.Empty:
-        pass
+        # This thread is the only consumer: qsize items are there to take.
+        batch += [self._queue.get_nowait() for _ in range(self._queue.qsize())]
       if self.health is not Health.ALIVE:
         continue
       for item in batch:
@@ -187,42 +203,42 @@ class SnapshotStore(FaultDomain):
   def _apply(self, item):
     kind = item[0]
     if kind == "step":
-      _, aw, seq, rows, k, v = item
-      k, v = np.asarray(k), np.asarray(v)  # waits for the AW's device here, off its path
-      position_bytes = 2 * k[:, 0, 0].nbytes  # k and v of one position, every layer
+      _, aw, seq, rows, step_kv = item
+      step_kv = np.asarray(step_kv)  # waits for the AW's device here, off its path
+      _, L, B, _, K, H = step_kv.shape
       with self._lock:
-        mirror, kvs = self._mirror(aw, k), self._kv
-        record, slots, starts = {}, [], []
+        mirror, kvs = self._mirror(aw, L, B, K, H, step_kv.dtype), self._kv
+        S = mirror.kv.shape[3]
+        record, slots, cells, positions = {}, [], [], 0
         for rid, slot, start, n in rows:
           kv = kvs.get(rid)
-          if n == 1 and kv is not None and start == kv.committed > 0 and kv.aw == aw \
-              and kv.slot == slot:  # the common case: a decode row continues in place
+          if n == 1 and kv is not None and kv.slot == slot and kv.aw == aw \
+              and start == kv.committed > 0:  # the common case: a decode row continues in place
             slots.append(slot)
-            starts.append(start)
+            cells.append(slot * S + start)
           elif start > 0 and (kv is None or start > kv.committed):
             continue  # a gap (the store restarted): no restore point until a base arrives
           else:
             if kv is None or start == 0:
               kv = kvs[rid] = _RequestKV()
             self._occupy(aw, mirror, slot, rid, kv, start)
-            mirror.k[:, slot, start:start + n] = k[:, slot, :n]
-            mirror.v[:, slot, start:start + n] = v[:, slot, :n]
+            mirror.kv[:, :, slot, start:start + n] = step_kv[:, :, slot, :n]
           kv.committed = record[rid] = start + n  # all L layers are in: the commit record
-          self.bytes_in += n * position_bytes
+          positions += n
         if slots:  # every decode row of the step in one write
-          slots, starts = np.array(slots), np.array(starts)
-          mirror.k[:, slots, starts] = k[:, slots, 0]
-          mirror.v[:, slots, starts] = v[:, slots, 0]
+          mirror.cells[:, np.array(cells)] = (
+              step_kv[:, :, :, 0].reshape(2 * L, B, K * H)[:, np.array(slots)])
+        self.bytes_in += positions * 2 * L * K * H * step_kv.itemsize
         self.log.setdefault(aw, collections.deque(maxlen=1024)).append((seq, record))
     elif kind == "base":
       _, aw, rows, k, v = item
       k, v = np.asarray(k), np.asarray(v)
       with self._lock:
-        mirror = self._mirror(aw, k)
+        mirror = self._mirror(aw, k.shape[0], k.shape[1], *k.shape[3:], k.dtype)
         for rid, slot, n in rows:
           kv = self._kv[rid] = _RequestKV()
           self._occupy(aw, mirror, slot, rid, kv, 0)
-          mirror.k[:, slot, :n], mirror.v[:, slot, :n] = k[:, slot, :n], v[:, slot, :n]
+          mirror.kv[0, :, slot, :n], mirror.kv[1, :, slot, :n] = k[:, slot, :n], v[:, slot, :n]
           kv.committed = n
           self.bytes_in += 2 * k[:, slot, :n].nbytes
     elif kind == "forget":
@@ -230,16 +246,14 @@ class SnapshotStore(FaultDomain):
         self._kv.pop(item[1], None)
       self.archive.release(item[1])
 
-  def _mirror(self, aw: int, k: np.ndarray) -> _Mirror:
-    """AW `aw`'s mirror, with at least k's B rows (made on its first step)."""
+  def _mirror(self, aw: int, L: int, B: int, K: int, H: int, dtype) -> _Mirror:
+    """AW `aw`'s mirror, with at least B rows (made on its first step)."""
     mirror = self._mirrors.get(aw)
-    L, B, _, K, H = k.shape
     if mirror is None or B > len(mirror.owner):
-      shape = (L, B, self.cfg.max_seq_len, K, H)
-      grown = _Mirror(np.zeros(shape, k.dtype), np.zeros(shape, k.dtype), [None] * B)
+      grown = _Mirror(np.zeros((2, L, B, self.cfg.max_seq_len, K, H), dtype), [None] * B)
       if mirror is not None:
         b = len(mirror.owner)
-        grown.k[:, :b], grown.v[:, :b], grown.owner[:b] = mirror.k, mirror.v, mirror.owner
+        grown.kv[:, :, :b], grown.owner[:b] = mirror.kv, mirror.owner
       mirror = self._mirrors[aw] = grown
     return mirror
 
@@ -251,12 +265,12 @@ class SnapshotStore(FaultDomain):
       return
     old = self._kv.get(mirror.owner[slot])
     if old is not None and old is not kv and (old.aw, old.slot) == (aw, slot):
-      old.k = mirror.k[:, slot, :old.committed].copy()
-      old.v = mirror.v[:, slot, :old.committed].copy()
+      old.k = mirror.kv[0, :, slot, :old.committed].copy()
+      old.v = mirror.kv[1, :, slot, :old.committed].copy()
       old.aw = old.slot = None
     if keep:  # the request resumed here (restored after a failure): bring its prefix along
       k, v = self._arrays(kv)
-      mirror.k[:, slot, :keep], mirror.v[:, slot, :keep] = k[:, :keep], v[:, :keep]
+      mirror.kv[0, :, slot, :keep], mirror.kv[1, :, slot, :keep] = k[:, :keep], v[:, :keep]
     kv.aw, kv.slot, kv.k, kv.v = aw, slot, None, None
     mirror.owner[slot] = rid
 
@@ -264,8 +278,8 @@ class SnapshotStore(FaultDomain):
     """Views (k, v) [L, n, K, H] of a request's KV, wherever it lives."""
     if kv.aw is None:
       return kv.k, kv.v
-    mirror = self._mirrors[kv.aw]
-    return mirror.k[:, kv.slot], mirror.v[:, kv.slot]
+    rows = self._mirrors[kv.aw].kv[:, :, kv.slot]
+    return rows[0], rows[1]
 
   def _flush(self):
     """Stages every newly committed whole chunk (`durable_chunk` positions) for the durable

@@ -57,8 +57,8 @@ class RemoteStore(FaultDomain):
 
   # -- AW side: sent, never waited for --------------------------------------------------------
 
-  def log_step(self, aw: int, seq: int, rows, k, v):
-    self._cast("log_step", aw, seq, rows, k, v)
+  def log_step(self, aw: int, seq: int, rows, kv):
+    self._cast("log_step", aw, seq, rows, kv)
 
   def base(self, aw: int, rows, k, v):
     self._cast("base", aw, rows, k, v)

@@ -135,9 +135,9 @@ def aw_finish(p: ModelParams, cfg: ModelConfig, x, cache: KVCache, slots, n_new,
   """Ends a step: samples one token per row from its last real token, advances slot lengths.
 
   Returns:
-    (i32[B] sampled tokens, the cache, and with `snapshot` the step's new KV (k, v)
-    [L, B, T, K, H] in every layer for the snapshot store (row b's positions after n_new[b]
-    are junk), else None).
+    (i32[B] sampled tokens, the cache, and with `snapshot` the step's new KV, k and v stacked
+    [2, L, B, T, K, H], every layer, for the snapshot store (row b's positions after n_new[b]
+    are junk; one array: one host copy per step), else None).
   """
   last = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]
   tokens = sample(logits(p, cfg, last), key_data, step, temperature, top_p)
@@ -146,5 +146,6 @@ def aw_finish(p: ModelParams, cfg: ModelConfig, x, cache: KVCache, slots, n_new,
     T = x.shape[1]
     positions = jnp.minimum(cache.lengths[slots][:, None] + jnp.arange(T)[None, :],
                             cache.max_len - 1)
-    segment = (cache.k[:, slots[:, None], positions], cache.v[:, slots[:, None], positions])
+    segment = jnp.stack([cache.k[:, slots[:, None], positions],
+                         cache.v[:, slots[:, None], positions]])
   return tokens, cache.advance(slots, n_new), segment

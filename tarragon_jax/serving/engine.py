@@ -313,7 +313,7 @@ class Engine(LayerExchange):
       sampled[a], kv = out
       if kv is not None:
         self._to_store("log_step", a, seq, [(s.id, s.slot, s.cached, len(s.feed))
-                                            for s in batches[a][3]], *kv)
+                                            for s in batches[a][3]], kv)
     self.detector.wait({self.aws[a].name: (self.aws[a], getattr(sampled[a], "is_ready",
                                                                  lambda: True))
                         for a in live})

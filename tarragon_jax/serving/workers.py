@@ -122,7 +122,7 @@ class AttentionWorker(FaultDomain):
     """Samples each row's next token; None if hung.
 
     Returns:
-      (i32[B] tokens, the step's KV (k, v) [L, B, T, K, H] or None without snapshots), device
+      (i32[B] tokens, the step's KV [2, L, B, T, K, H] (k, v) or None without snapshots), device
       arrays not yet fetched.
     """
     if not self._serving():
