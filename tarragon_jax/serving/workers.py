@@ -60,7 +60,12 @@ class AttentionWorker(FaultDomain):
     self._zeros: dict[int, jax.Array] = {}
 
   def put(self, array):
-    """Host data (tokens, sampling settings) onto this worker's cell, replicated."""
+    """Host data onto this worker's cell, replicated (for data kept on the cell).
+
+    A step's own host inputs (tokens, lengths, sampling settings) are not put first: they go
+    straight into the jitted calls, whose C++ dispatch copies them onto the cell, about 8x
+    cheaper than a `device_put` before the call (~150 -> ~20 us for three small arrays here).
+    """
     return jax.device_put(array, self.cell.replicated())
 
   def begin(self, tokens: np.ndarray, n_new: np.ndarray, fresh: np.ndarray):
@@ -70,11 +75,10 @@ class AttentionWorker(FaultDomain):
     """
     if not self._serving():
       return None
-    tokens, self.n_new, fresh_dev = self.put(
-        (tokens.astype(np.int32), n_new.astype(np.int32), fresh))
+    self.n_new = n_new.astype(np.int32)  # host arrays: copied by the calls (see `put`)
     if fresh.any():
-      self.cache = _reset_lengths(self.cache, fresh_dev)
-    self.x = datapath.aw_embed(self.params, tokens)
+      self.cache = _reset_lengths(self.cache, fresh)
+    self.x = datapath.aw_embed(self.params, tokens.astype(np.int32))
     return True
 
   def attend(self, layer, active, num_ew: int, slots_per_layer: int):
@@ -129,7 +133,7 @@ class AttentionWorker(FaultDomain):
       return None
     tokens, self.cache, segment = datapath.aw_finish(
         self.params, self.cfg, self.x, self.cache, self.slots, self.n_new,
-        *self.put((key_data, step, temperature, top_p)), snapshot=self.snapshots)
+        key_data, step, temperature, top_p, snapshot=self.snapshots)
     return tokens, segment
 
   def restore(self, slot: int, k: np.ndarray, v: np.ndarray) -> int:
@@ -139,8 +143,8 @@ class AttentionWorker(FaultDomain):
     n = k.shape[1]
     P = bucket(n, RESTORE_BUCKET, self.cache.max_len)
     pad = ((0, 0), (0, P - n), (0, 0), (0, 0))
-    kp, vp, slot_d, n_d = self.put((np.pad(k, pad), np.pad(v, pad), np.int32(slot), np.int32(n)))
-    self.cache = datapath.aw_restore(self.cache, slot_d, kp, vp, n_d)
+    self.cache = datapath.aw_restore(self.cache, np.int32(slot), np.pad(k, pad), np.pad(v, pad),
+                                     np.int32(n))
     return k.nbytes + v.nbytes
 
   def sync(self) -> bool:
@@ -170,8 +174,7 @@ class AttentionWorker(FaultDomain):
     for P in all_buckets(RESTORE_BUCKET, self.cache.max_len):  # into slot 0, length 0
       k = np.zeros((self.cfg.num_layers, P, self.cfg.num_kv_heads, self.cfg.head_dim),
                    self.cfg.dtype)
-      kp, vp, slot, n = self.put((k, k, np.int32(0), np.int32(0)))
-      self.cache = datapath.aw_restore(self.cache, slot, kp, vp, n)
+      self.cache = datapath.aw_restore(self.cache, np.int32(0), k, k, np.int32(0))
     jax.block_until_ready(self.cache_copy())  # the base snapshot a new store is sent
     self.cache.lengths.block_until_ready()
 
