@@ -43,5 +43,5 @@ def get_config() -> ml_collections.ConfigDict:
   # Fault-free throughput: `throughput_requests` arrive at once; `reps` interleaved repetitions
   # of (snapshots on, snapshots off, baseline), medians reported.
   c.throughput_requests = 24
-  c.reps = 15  # the per-repetition ratio of two identical variants spreads ~5 % on 2 cores
+  c.reps = 20  # the per-repetition ratio of two identical variants spreads ~10 % on 2 cores
   return c

@@ -226,24 +226,38 @@ def _report(runs: list[dict], throughput: list[dict], cd) -> dict:
   med = {k: float(np.median(v)) for k, v in tp.items()}
   # Ratios within each repetition (the variants ran back to back), then their median: the
   # machine's drift between repetitions cancels.
-  on_off = float(np.median(np.divide(tp["snapshots_on"], tp["snapshots_off"])))
-  on_base = float(np.median(np.divide(tp["snapshots_on"], tp["global_restart"])))
+  on_off, on_off_ci = _median_ratio(tp["snapshots_on"], tp["snapshots_off"], cd.seed)
+  on_base, on_base_ci = _median_ratio(tp["snapshots_on"], tp["global_restart"], cd.seed)
   # Without snapshots Tarragon does the baseline's work fault-free: this ratio is the noise.
-  off_base = float(np.median(np.divide(tp["snapshots_off"], tp["global_restart"])))
+  off_base, off_base_ci = _median_ratio(tp["snapshots_off"], tp["global_restart"], cd.seed)
+
+  def shown(r, ci):
+    return f"{r:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+
   print(f"fault-free closed-loop throughput (median of {cd.reps}): Tarragon "
         f"{med['snapshots_on']:.0f} (snapshots off {med['snapshots_off']:.0f}), baseline "
-        f"{med['global_restart']:.0f} tok/s; Tarragon / baseline {on_base:.3f} (median "
-        f"per-repetition ratio), snapshots on / off {on_off:.3f}; noise reference: Tarragon "
-        f"without snapshots / baseline (the same work fault-free) {off_base:.3f}")
+        f"{med['global_restart']:.0f} tok/s\n  Tarragon / baseline {shown(on_base, on_base_ci)} "
+        f"(median per-repetition ratio)\n  snapshots on / off {shown(on_off, on_off_ci)}\n"
+        f"  noise reference, Tarragon without snapshots / baseline (the same work fault-free) "
+        f"{shown(off_base, off_base_ci)}")
   out = dict(runs=runs, stall_ratios=ratios, throughput_median_tok_s=med,
-             throughput_tarragon_baseline=on_base, throughput_snapshots_on_off=on_off,
-             throughput_noise_reference=off_base)
+             throughput_tarragon_baseline=on_base, throughput_tarragon_baseline_ci=on_base_ci,
+             throughput_snapshots_on_off=on_off, throughput_snapshots_on_off_ci=on_off_ci,
+             throughput_noise_reference=off_base, throughput_noise_reference_ci=off_base_ci)
   if "local_runtime" in tp:
     out["throughput_process_local"] = float(np.median(np.divide(tp["snapshots_on"],
                                                                 tp["local_runtime"])))
     print(f"process runtime / local runtime throughput: {out['throughput_process_local']:.3f} "
           f"(local {med['local_runtime']:.0f} tok/s)")
   return out
+
+
+def _median_ratio(a: list[float], b: list[float], seed: int) -> tuple[float, list[float]]:
+  """The median of the per-repetition ratios a / b and its 95% bootstrap interval (2000
+  resamples of the repetitions): on a noisy host a single median can sit a few percent off."""
+  r = np.divide(a, b)
+  boot = np.median(np.random.default_rng(seed).choice(r, (2000, len(r))), axis=1)
+  return float(np.median(r)), [float(x) for x in np.percentile(boot, [2.5, 97.5])]
 
 
 def _figures(workdir: str, runs: list[dict], series: dict, cd) -> list[str]:
