@@ -161,6 +161,7 @@ def main(argv):
           if rep >= 0:
             records.append(dict(kind="layer_sync" if sync else "layer_async", rep=rep,
                                 layer=layer, **out))
+  engine.close()  # its snapshot store's thread and scratch directory
 
   def median(kind, key, impl=None):
     return float(np.median([r[key] for r in records

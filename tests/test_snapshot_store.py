@@ -13,6 +13,7 @@ from tarragon_jax.mesh.cells import CellPlan
 from tarragon_jax.resilience import kv_archive
 from tarragon_jax.resilience.fault_domain import WorkerDead
 from tarragon_jax.resilience.global_restart import fit_plan
+from tarragon_jax.resilience import snapshot_store
 from tarragon_jax.resilience.snapshot_store import SnapshotStore
 from tarragon_jax.serving.streams import StreamGap, TokenStream
 
@@ -266,6 +267,14 @@ def test_a_slot_the_commit_file_lists_is_not_reused_until_a_file_without_it_land
   np.testing.assert_array_equal(kv_archive.read_archive(str(tmp_path), 2)[1], v2[:, 0])
   archive.poll_until_idle()
   np.testing.assert_array_equal(kv_archive.read_archive(str(tmp_path), 2)[1], v1[:, 0])
+
+
+def test_a_store_left_running_is_stopped_before_the_interpreter_exits(tmp_path):
+  """Its daemon thread must not be inside jax's C++ when finalization stops it (an abort)."""
+  left = SnapshotStore(CFG, str(tmp_path), flush_interval_s=0.02)
+  assert left._thread.is_alive()
+  snapshot_store._stop_live_stores()  # what atexit runs
+  assert not left._thread.is_alive()
 
 
 def test_token_stream_exactly_once():

@@ -20,11 +20,13 @@ a short loop over the step's rows.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import queue
 import threading
 import time
+import weakref
 
 import numpy as np
 
@@ -61,6 +63,17 @@ class _Mirror:
     self.cells = self.kv.reshape(two * L, B * S, K * H)
 
 
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # stores whose thread runs
+
+
+@atexit.register
+def _stop_live_stores():
+  """Stops store threads a program left running before the interpreter shuts down: a daemon
+  thread still inside jax's C++ (a host copy) when finalization stops it aborts the process."""
+  for store in list(_LIVE):
+    store.stop()
+
+
 class SnapshotStore(FaultDomain):
   """Per-AW KV logs with commit records, host memory first, tensorstore in the background."""
 
@@ -87,6 +100,7 @@ class SnapshotStore(FaultDomain):
     self._oldest_pending: float | None = None
     self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
     self._thread.start()
+    _LIVE.add(self)
 
   # -- AW side: enqueue only ----------------------------------------------------------------
 
