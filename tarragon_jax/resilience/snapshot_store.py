@@ -5,10 +5,10 @@ as one device array (`log_step`); the call only enqueues, nothing waits on the d
 store's own thread copies it to host memory in batches, into a mirror of that AW's cache rows
 (one host copy and one vectorised write for all decode rows of a step), and appends the step's
 commit record to a per-AW log: a step's tokens are committed once all of their layers are in
-host memory, and only a row that continues its request's committed prefix is taken. A request restored onto another
-AW brings its prefix to its new row; a dead AW's row is copied out before a replacement reuses
-it. Committed KV is persisted in the background with tensorstore (`KVArchive`). An
-orchestrator reads a request's last committed position and its KV back with `restore_point`.
+host memory, and only a row that continues its request's committed prefix is taken. A request
+restored onto another AW brings its prefix to its new row; a dead AW's row is copied out before
+a replacement reuses it. Committed KV is persisted in the background with tensorstore
+(`KVArchive`). An orchestrator reads a request's last committed position and its KV back with `restore_point`.
 
 Legend: L layers, B rows (slots) of the sending AW, T tokens per row, S max_seq_len, K kv
 heads, H head dim; a leading 2 stacks k and v.
