@@ -8,7 +8,8 @@ commit record to a per-AW log: a step's tokens are committed once all of their l
 host memory, and only a row that continues its request's committed prefix is taken. A request
 restored onto another AW brings its prefix to its new row; a dead AW's row is copied out before
 a replacement reuses it. Committed KV is persisted in the background with tensorstore
-(`KVArchive`). An orchestrator reads a request's last committed position and its KV back with `restore_point`.
+(`KVArchive`). An orchestrator reads a request's last committed position and its KV back with
+`restore_point`.
 
 Legend: L layers, B rows (slots) of the sending AW, T tokens per row, S max_seq_len, K kv
 heads, H head dim; a leading 2 stacks k and v.
