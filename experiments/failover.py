@@ -231,15 +231,16 @@ def _report(runs: list[dict], throughput: list[dict], cd) -> dict:
   # Without snapshots Tarragon does the baseline's work fault-free: this ratio is the noise.
   off_base, off_base_ci = _median_ratio(tp["snapshots_off"], tp["global_restart"], cd.seed)
 
-  def shown(r, ci):
+  def with_ci(r, ci):
     return f"{r:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
 
   print(f"fault-free closed-loop throughput (median of {cd.reps}): Tarragon "
         f"{med['snapshots_on']:.0f} (snapshots off {med['snapshots_off']:.0f}), baseline "
-        f"{med['global_restart']:.0f} tok/s\n  Tarragon / baseline {shown(on_base, on_base_ci)} "
-        f"(median per-repetition ratio)\n  snapshots on / off {shown(on_off, on_off_ci)}\n"
+        f"{med['global_restart']:.0f} tok/s\n  Tarragon / baseline "
+        f"{with_ci(on_base, on_base_ci)} (median per-repetition ratio)\n  snapshots on / off "
+        f"{with_ci(on_off, on_off_ci)}\n"
         f"  noise reference, Tarragon without snapshots / baseline (the same work fault-free) "
-        f"{shown(off_base, off_base_ci)}")
+        f"{with_ci(off_base, off_base_ci)}")
   out = dict(runs=runs, stall_ratios=ratios, throughput_median_tok_s=med,
              throughput_tarragon_baseline=on_base, throughput_tarragon_baseline_ci=on_base_ci,
              throughput_snapshots_on_off=on_off, throughput_snapshots_on_off_ci=on_off_ci,
