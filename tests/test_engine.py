@@ -318,6 +318,21 @@ def test_stop_token_ends_request_early():
   ]
 
 
+def test_idle_while_any_request_is_open():
+  engine = _engine("mixtral")
+  assert engine.idle
+  first, second = engine.submit(Request(PROMPTS[4], 1)), engine.submit(Request(PROMPTS[1], 3))
+  assert not engine.idle
+  while not engine.requests[first].done:
+    engine.step()
+  assert not engine.idle  # one request finished, one is still open
+  engine.run()
+  assert engine.idle and engine.requests[second].done
+  with pytest.raises(ValueError):
+    engine.submit(Request((), 1))  # refused at submit: nothing is left open
+  assert engine.idle
+
+
 # -- sampling: per-request PRNG streams ---------------------------------------------------------
 
 

@@ -73,7 +73,8 @@ class Engine(LayerExchange):
     self.weights_dir = rc.weights_dir or os.path.dirname(
         save_checkpoint(os.path.join(self._scratch, "weights"), params, cfg))
     self.store_dir = rc.store_dir or os.path.join(self._scratch, "snapshots")
-    self.requests: dict[int, RequestState] = {}
+    self.requests: dict[int, RequestState] = {}  # every request submitted, finished ones too
+    self._open = 0  # requests submitted and not done (`idle` is read every iteration)
     self.streams: dict[int, TokenStream] = {}
     self.waiting: list[int] = []
     self.events: list[TokenEvent] = []
@@ -157,6 +158,7 @@ class Engine(LayerExchange):
     state = RequestState(rid, request, time.perf_counter() if arrival is None else arrival)
     state.key_data = request.sampling.key_data()
     self.requests[rid] = state
+    self._open += 1
     self.streams[rid] = TokenStream(rid)
     self.waiting.append(rid)
     return rid
@@ -167,7 +169,7 @@ class Engine(LayerExchange):
 
   @property
   def idle(self) -> bool:
-    return all(s.done for s in self.requests.values())
+    return self._open == 0
 
   def generate(self, prompts: Iterable[Iterable[int]], max_new_tokens: int,
                sampling: SamplingParams = SamplingParams()) -> list[list[int]]:
@@ -362,6 +364,7 @@ class Engine(LayerExchange):
           self.on_token(event)
       if s.finished_by(token):
         s.phase = Phase.DONE
+        self._open -= 1
         self.slot_owner[s.aw][s.slot] = -1
         self._to_store("forget", s.id)
 
