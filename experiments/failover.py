@@ -126,6 +126,7 @@ def _throughput(cd, cfg, params, weights_dir, spawner) -> list[dict]:
       outs = engine.generate(prompts.tolist(), w.output_len)
       seconds = time.perf_counter() - start
       engine.settle()
+      engine.release()  # a benchmark's engines would otherwise keep every request they served
       records.append(dict(run="throughput", variant=name, rep=rep, seconds=seconds,
                           settle_s=time.perf_counter() - start - seconds,
                           throughput_tok_s=sum(map(len, outs)) / seconds))

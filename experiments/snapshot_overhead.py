@@ -165,6 +165,7 @@ def _measure(cd, cfg, params, weights_dir: str) -> list[dict]:
         seconds = time.perf_counter() - start
         # Not timed: how long the store still needed to apply what the run queued.
         drain_s = _drain(store) if store else 0.0
+        engines[name].release()  # every request it served so far (not timed)
         tokens = sum(map(len, outputs[name]))
         records.append(dict(
             run="throughput", variant=name, rep=rep, seconds=seconds, output_tokens=tokens,

@@ -333,6 +333,28 @@ def test_idle_while_any_request_is_open():
   assert engine.idle
 
 
+def test_release_forgets_finished_requests_only():
+  engine = _engine("mixtral")
+  done = engine.submit(Request(PROMPTS[4], 1))
+  engine.run()
+  kept = len([e for e in engine.events if e.request_id != done])
+  open_ = engine.submit(Request(PROMPTS[1], 2))
+  with pytest.raises(ValueError, match=f"request {open_} is waiting"):
+    engine.release([done, open_])
+  with pytest.raises(ValueError, match="request 10000 is unknown"):
+    engine.release([10000])
+  assert done in engine.requests  # a refused call released nothing
+  engine.run()
+  engine.release([done])
+  assert done not in engine.requests and done not in engine.streams
+  assert [e for e in engine.events if e.request_id == done] == []
+  assert len([e for e in engine.events if e.request_id != done]) == kept + 2
+  assert engine.tokens(open_) == _reference("mixtral")[1][:2]
+  engine.release()  # every finished request
+  assert engine.requests == {} and engine.streams == {} and engine.events == []
+  assert engine.idle
+
+
 # -- sampling: per-request PRNG streams ---------------------------------------------------------
 
 

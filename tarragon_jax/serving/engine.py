@@ -167,6 +167,27 @@ class Engine(LayerExchange):
     """The tokens delivered to the client for request `rid`, in index order."""
     return list(self.streams[rid].tokens)
 
+  def release(self, rids: Iterable[int] | None = None):
+    """Forgets finished requests (`rids`, or every finished one): their state, token stream and
+    token events. The engine keeps every request it served until then (a run's metrics read
+    them), so a long-lived engine releases what its clients have collected.
+
+    Raises:
+      ValueError: a request unknown or not finished (then nothing is released).
+    """
+    if rids is None:
+      rids = [rid for rid, state in self.requests.items() if state.done]
+    rids = set(rids)
+    for rid in rids:
+      state = self.requests.get(rid)
+      if state is None or not state.done:
+        raise ValueError(f"Engine.release: request {rid} is "
+                         f"{'unknown' if state is None else state.phase.name.lower()}; only "
+                         "finished requests can be released")
+    for rid in rids:
+      del self.requests[rid], self.streams[rid]
+    self.events = [e for e in self.events if e.request_id not in rids]
+
   @property
   def idle(self) -> bool:
     return self._open == 0
