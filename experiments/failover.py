@@ -126,10 +126,10 @@ def _throughput(cd, cfg, params, weights_dir, spawner) -> list[dict]:
       outs = engine.generate(prompts.tolist(), w.output_len)
       seconds = time.perf_counter() - start
       engine.settle()
-      engine.release()  # a benchmark's engines would otherwise keep every request they served
       records.append(dict(run="throughput", variant=name, rep=rep, seconds=seconds,
                           settle_s=time.perf_counter() - start - seconds,
                           throughput_tok_s=sum(map(len, outs)) / seconds))
+      engine.release()  # a benchmark's engines would otherwise keep every request they served
       logging.info("throughput %s rep %d: %.0f tok/s", name, rep, records[-1]["throughput_tok_s"])
   for engine in engines.values():
     engine.close()

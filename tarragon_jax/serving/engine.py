@@ -73,7 +73,7 @@ class Engine(LayerExchange):
     self.weights_dir = rc.weights_dir or os.path.dirname(
         save_checkpoint(os.path.join(self._scratch, "weights"), params, cfg))
     self.store_dir = rc.store_dir or os.path.join(self._scratch, "snapshots")
-    self.requests: dict[int, RequestState] = {}  # every request submitted, finished ones too
+    self.requests: dict[int, RequestState] = {}  # submitted, finished ones until `release`
     self._open = 0  # requests submitted and not done (`idle` is read every iteration)
     self.streams: dict[int, TokenStream] = {}
     self.waiting: list[int] = []
