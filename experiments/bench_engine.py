@@ -8,7 +8,7 @@ In one process on 8 CPU devices, with the same model, batch and tokens:
   (`tarragon_jax.extend` + argmax on one device, KV cache of num_aw * slots_per_aw rows, tokens
   fetched every step), repetitions interleaved;
 - per decode layer, the phases of the datapath timed one by one with block_until_ready
-  (attend+pack on every AW, the AW->EW sends of tokens + slots, the experts on every EW, the
+  (attend+pack on every AW, the AW->EW sends of the packed buffers, the experts on every EW, the
   EW->AW sends of results, combine on every AW), against the same layer dispatched
   asynchronously as the engine does it, plus the bytes `Transfers` counts per layer.
 Prints a table, writes results.jsonl and summary.json to the workdir. Legend: B rows, P prompt

@@ -18,6 +18,7 @@ import tarragon_jax as tj
 from tarragon_jax.mesh.cells import CellPlan
 from tarragon_jax.resilience.placement import place
 from tarragon_jax.resilience.routing_table import RoutingTable
+from tarragon_jax.serving import datapath
 from tarragon_jax.serving.engine import Engine, EngineConfig
 from tarragon_jax.serving.metrics import compile_count
 from tarragon_jax.serving.reference import reference_greedy
@@ -163,6 +164,22 @@ def test_other_splits_match_reference(plan, slots_per_aw):
   engine = _engine("mixtral", plan, slots_per_aw)
   out = _serve(engine, _greedy_requests(), first=slots_per_aw * plan.num_aw)
   assert out == _reference("mixtral")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_buffer_carries_tokens_and_every_slot_id(dtype):
+  """An AW's buffer for an EW is one array: tokens, then each row's slot id."""
+  cfg = CONFIGS["mixtral"].replace(dtype=dtype)
+  tokens = jax.random.normal(jax.random.key(0), (6, cfg.hidden_size)).astype(dtype)
+  slots = np.array([0, 7, -1, 255, 256, datapath.MAX_SLOTS - 1], np.int32)
+  got_tokens, got_slots = jax.jit(lambda t, s: datapath.unpack(datapath.pack(t, s),
+                                                               cfg.hidden_size))(tokens, slots)
+  np.testing.assert_array_equal(np.asarray(got_tokens), np.asarray(tokens))
+  np.testing.assert_array_equal(np.asarray(got_slots), slots)
+  empty = datapath.empty_buffer(cfg, 3)  # what an EW gets from an AW that sent nothing
+  assert empty.dtype == np.dtype(dtype) and empty.shape[0] == 3
+  got_tokens, got_slots = datapath.unpack(jax.numpy.asarray(empty), cfg.hidden_size)
+  assert not np.asarray(got_tokens).any() and (np.asarray(got_slots) == -1).all()
 
 
 # -- routing is data: rerouting compiles nothing and changes no token ----------------------------

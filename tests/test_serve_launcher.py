@@ -107,8 +107,9 @@ def test_bench_engine_writes_decode_and_layer_records(tmp_path):
   assert all(r["tok_s"] > 0 and r["rows"] == 8 and r["steps"] == 3 for r in decode)
   sync = [r for r in records if r["kind"] == "layer_sync"]
   assert len(sync) == 2 * 2 * 2 and len([r for r in records if r["kind"] == "layer_async"]) == 8
-  # Per layer and AW->EW pair: a [C, D] f32 token buffer + i32[C] slots, C = 4 rows * top-2.
-  assert sync[0]["moved"]["to_ew"] == [2 * 2 * (8 * 64 * 4 + 8 * 4), 2 * 2 * 2]
+  # Per layer and AW->EW pair: one f32 buffer [C, D + 2] (tokens, then two columns of slot id),
+  # C = 4 rows * top-2.
+  assert sync[0]["moved"]["to_ew"] == [2 * 2 * 8 * (64 + 2) * 4, 2 * 2]
   assert sync[0]["moved"]["to_aw"] == [2 * 2 * 8 * 64 * 4, 2 * 2]
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["tokens_equal"] is True, out

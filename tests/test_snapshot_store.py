@@ -247,21 +247,25 @@ def test_durable_tier_holds_whole_committed_chunks(store, tmp_path):
 def test_a_slot_the_commit_file_lists_is_not_reused_until_a_file_without_it_lands(tmp_path):
   archive = kv_archive.KVArchive(str(tmp_path), CFG, capacity=1, chunk=16)
   rng = np.random.default_rng(9)
+
+  def one(k, v):  # k, v [L, 1, n, K, H] -> [1, 2, L, n, K, H], as `write` takes one request
+    return np.stack([k[:, 0], v[:, 0]])[None]
+
   k1, v1 = kv(rng, 1, 16)
-  archive.write(1, 0, k1[:, 0], v1[:, 0])
+  archive.write([1], 0, one(k1, v1))
   archive.commit()
   archive.poll_until_idle()
   assert archive.durable == {1: 16}
   archive.release(1)
   k2, v2 = kv(rng, 1, 16)
-  archive.write(2, 0, k2[:, 0], v2[:, 0])  # the only slot is still listed for request 1
+  archive.write([2], 0, one(k2, v2))  # the only slot is still listed for request 1
   archive.commit()
   assert archive.durable == {1: 16}
   np.testing.assert_array_equal(kv_archive.read_archive(str(tmp_path), 1)[0], k1[:, 0])
   archive.poll_until_idle()
   assert archive.durable == {2: 16}
   np.testing.assert_array_equal(kv_archive.read_archive(str(tmp_path), 2)[1], v2[:, 0])
-  archive.write(2, 0, k1[:, 0], v1[:, 0])  # recomputed from scratch: a fresh slot again
+  archive.write([2], 0, one(k1, v1))  # recomputed from scratch: a fresh slot again
   archive.commit()
   np.testing.assert_array_equal(kv_archive.read_archive(str(tmp_path), 2)[1], v2[:, 0])
   archive.poll_until_idle()

@@ -309,13 +309,14 @@ class SnapshotStore(FaultDomain):
       return
     chunk = self.archive.chunk
     with self._lock:
-      todo = []
+      todo: dict[tuple[int, int], list] = {}  # (lo, hi) -> [(request, kv [2, L, hi - lo, K, H])]
       for rid, kv in self._kv.items():
         hi = kv.committed // chunk * chunk
         if hi > kv.archived:
           k, v = self._arrays(kv)
-          todo.append((rid, kv.archived, k[:, kv.archived:hi].copy(), v[:, kv.archived:hi].copy()))
+          todo.setdefault((kv.archived, hi), []).append(
+              (rid, np.stack([k[:, kv.archived:hi], v[:, kv.archived:hi]])))
           kv.archived = hi
-    for rid, lo, k, v in todo:
-      self.archive.write(rid, lo, k, v)
+    for (lo, _), items in todo.items():  # one write per range of positions
+      self.archive.write([rid for rid, _ in items], lo, np.stack([kv for _, kv in items]))
     self.archive.commit()

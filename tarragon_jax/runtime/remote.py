@@ -23,6 +23,7 @@ from tarragon_jax.resilience.fault_domain import FaultDomain, Health
 from tarragon_jax.runtime.channel import Connection, Pending, RemoteError
 from tarragon_jax.runtime.remote_store import RemoteStore
 from tarragon_jax.runtime.spawner import LocalSpawner, SpawnError
+from tarragon_jax.serving import datapath
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +94,7 @@ class RemoteWorker(FaultDomain):
     return np.zeros((capacity, self.cfg.hidden_size), self.cfg.dtype)
 
   def empty_buffer(self, capacity: int):
-    return self.zeros(capacity), np.full((capacity,), -1, np.int32)
+    return datapath.empty_buffer(self.cfg, capacity)
 
 
   # -- faults are signals ----------------------------------------------------------------------

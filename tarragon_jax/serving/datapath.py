@@ -6,6 +6,13 @@ residual). Expert-worker side: `ew_experts` (one batched expert call over the bu
 AWs for one layer). The layer index and the routing table are array inputs, so neither a new
 layer nor a rerouted expert compiles anything.
 
+An AW's buffer for one EW is one array [C, D + 2]: each row a token's normalized MoE input
+followed by the EW-local expert slot it goes to, as two base-256 digits of slot + 1 in the model
+dtype (integers below 256 are exact even in bfloat16; 0: an empty row). One array per (AW, EW)
+pair and layer, not two: on the CPU cells every cross-cell array costs ~50 us of `device_put`,
+whatever its size. (Bit-casting the i32 ids instead is not safe: XLA canonicalizes bfloat16
+NaN patterns in a concatenate.)
+
 Legend: B rows, T tokens per row, M = B*T tokens, X top-k, D model, W expert workers,
 C = M*X buffer capacity per EW (every assignment fits even if all go to one EW), S slots per
 EW per layer, A attention workers.
@@ -18,6 +25,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.experts import expert_ffn
@@ -28,6 +36,28 @@ from tarragon_jax.layers.params import ExpertParams, ModelParams
 from tarragon_jax.layers.router import route
 from tarragon_jax.layers.sampling import sample
 from tarragon_jax.layers.transformer import attention_half, embed, logits
+
+
+SLOT_DIGITS = 2  # base-256 digits of (slot id + 1) at the end of a packed buffer row
+MAX_SLOTS = 256 ** SLOT_DIGITS - 1  # slot ids a packed buffer can carry: 0 .. MAX_SLOTS - 1
+
+
+def pack(tokens, slots):
+  """A packed buffer [C, D + 2] of tokens [C, D] and their slot ids i32[C] (-1: empty row)."""
+  v = slots.astype(jnp.int32) + 1
+  digits = jnp.stack([v // 256, v % 256], axis=1).astype(tokens.dtype)  # exact even in bf16
+  return jnp.concatenate([tokens, digits], axis=1)
+
+
+def unpack(buf, hidden_size: int):
+  """(tokens [C, D], slots i32[C]) of a packed buffer [C, D + 2]."""
+  digits = buf[:, hidden_size:].astype(jnp.int32)
+  return buf[:, :hidden_size], digits[:, 0] * 256 + digits[:, 1] - 1
+
+
+def empty_buffer(cfg: ModelConfig, capacity: int) -> np.ndarray:
+  """A host buffer [C, D + 2] with no tokens: all zeros (every slot id -1)."""
+  return np.zeros((capacity, cfg.hidden_size + SLOT_DIGITS), cfg.dtype)
 
 
 def attention_params(params: ModelParams) -> ModelParams:
@@ -50,10 +80,14 @@ def aw_attend_and_pack(p: ModelParams, cfg: ModelConfig, x, cache: KVCache, laye
     slots, n_new: i32[B] cache slot and real-token count of each row.
     active: i32[L, E] physical slot serving each logical expert (the routing table).
   Returns:
-    x after attention [B, T, D]; the cache; per-EW token buffers (W arrays [C, D]); per-EW
-    local slot ids (W arrays i32[C], -1 = empty); `dest` i32[M*X] where each assignment sits in
-    the concatenated buffers; routing weights f32[M, X]; normalized MoE input h [M, D].
+    x after attention [B, T, D]; the cache; per-EW packed buffers (W arrays [C, D + 2], see
+    the module docstring); tokens sent to each EW i32[W]; `dest` i32[M*X] where each
+    assignment sits in the concatenated buffers; routing weights f32[M, X]; normalized MoE
+    input h [M, D].
   """
+  if slots_per_layer > MAX_SLOTS:
+    raise ValueError(f"slots_per_layer={slots_per_layer}: a packed buffer carries slot ids "
+                     f"0..{MAX_SLOTS - 1}")
   lp = jax.tree.map(lambda w: w[layer], p.layers)
   x, cache = attention_half(lp, cfg, x, cache, layer, slots, n_new)
   B, T, D = x.shape
@@ -69,9 +103,9 @@ def aw_attend_and_pack(p: ModelParams, cfg: ModelConfig, x, cache: KVCache, laye
   dest = jnp.where(real, ew * C + rank[:, 0], num_ew * C)
   buf = jnp.zeros((num_ew * C, D), x.dtype).at[dest].set(jnp.repeat(h, X, axis=0), mode="drop")
   local = jnp.full((num_ew * C,), -1, jnp.int32).at[dest].set(phys % slots_per_layer, mode="drop")
-  bufs = tuple(buf.reshape(num_ew, C, D))
-  locals_ = tuple(local.reshape(num_ew, C))
-  return x, cache, bufs, locals_, dest, weights, h
+  bufs = tuple(pack(buf, local).reshape(num_ew, C, -1))
+  counts = jnp.sum(onehot, axis=0, dtype=jnp.int32)  # padding went to no EW
+  return x, cache, bufs, counts, dest, weights, h
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -91,22 +125,21 @@ def aw_combine(p: ModelParams, cfg: ModelConfig, x, h, layer, results, dest, wei
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_ew"))
-def ew_experts(w: ExpertParams, cfg: ModelConfig, layer, tokens, local_slots, *, num_ew: int):
+def ew_experts(w: ExpertParams, cfg: ModelConfig, layer, bufs, *, num_ew: int):
   """One EW's expert call for one layer over the buffers of all AWs.
 
   Args:
     w: this EW's experts, [L, S, ...] (primaries and shadows).
-    tokens: A arrays [C_a, D]; local_slots: A arrays i32[C_a] (-1 = empty).
+    bufs: A packed buffers [C_a, D + 2] (see the module docstring).
     num_ew: EWs in the cluster, to size the expected load of one EW.
   Returns:
     A arrays [C_a, D]: expert outputs for each AW's buffer (zeros where empty).
   """
-  x = jnp.concatenate(tokens, axis=0)
-  s = jnp.concatenate(local_slots, axis=0)
+  x, s = unpack(jnp.concatenate(bufs, axis=0), cfg.hidden_size)
   lw = jax.tree.map(lambda a: a[layer], w)
   load = max(1, x.shape[0] // (num_ew * cfg.top_k) * cfg.top_k)
   y = expert_ffn(x, s, lw, cfg.expert_kernel, cfg.capacity_factor, load_tokens=load)
-  sizes = [t.shape[0] for t in tokens]
+  sizes = [b.shape[0] for b in bufs]
   bounds = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
   return tuple(jnp.split(y, bounds, axis=0))
 

@@ -74,14 +74,14 @@ class LayerExchange:
     return results
 
   def send_to_experts(self, packed: dict[int, tuple], capacity: int) -> list[list | None]:
-    """Buffers to the EWs; inbox[m][a] is AW a's (tokens, slots) for EW m (None: EW failed)."""
+    """Buffers to the EWs; inbox[m][a] is AW a's packed buffer for EW m (None: EW failed)."""
     ews = [m for m in range(len(self.ews)) if m not in self.failed_ews]
     inbox: list[list | None] = [None] * len(self.ews)
     for m in ews:
       inbox[m] = [self.ews[m].empty_buffer(capacity) for _ in self.aws]
     keys = [(m, a) for a in packed for m in ews]
     sent = self.transfers.send_many(
-        [((packed[a][0][m], packed[a][1][m]), self.ews[m].cell.replicated()) for m, a in keys])
+        [(packed[a][0][m], self.ews[m].cell.replicated()) for m, a in keys])
     for (m, a), buf in zip(keys, sent):
       inbox[m][a] = buf
     return inbox
@@ -129,8 +129,7 @@ class LayerExchange:
       failed = [m for m in range(len(self.ews)) if m not in results and m not in self.failed_ews]
       affected = set()
       if failed:
-        affected = {a for a in pending for m in failed
-                    if int(np.asarray(pending[a][1][m]).max()) >= 0}
+        affected = {a for a in pending if np.asarray(pending[a][1])[failed].any()}
         self.recovery.ews_failed(failed, layer)
       outbox.update(self.send_to_attention(results, [a for a in pending if a not in affected],
                                            capacity))

@@ -86,16 +86,16 @@ class AttentionWorker(FaultDomain):
     """Attention + routing for one layer.
 
     Returns:
-      (per-EW token buffers, per-EW local slots), or None if the worker is hung.
+      (per-EW packed buffers, tokens sent to each EW i32[W]), or None if the worker is hung.
     """
     if not self._serving():
       return None
     self.x_in = self.x
-    (self.x, self.cache, bufs, locals_, self.dest, self.weights,
+    (self.x, self.cache, bufs, counts, self.dest, self.weights,
      self.h) = datapath.aw_attend_and_pack(
          self.params, self.cfg, self.x, self.cache, layer, self.slots, self.n_new, active,
          num_ew=num_ew, slots_per_layer=slots_per_layer)
-    return bufs, locals_
+    return bufs, counts
 
   def replay(self, layer, active, num_ew: int, slots_per_layer: int):
     """Repeats this layer's attention and packing from its input under a new routing table.
@@ -212,24 +212,20 @@ class ExpertWorker(FaultDomain):
     self._empty: dict[int, tuple] = {}
 
   def empty_buffer(self, capacity: int):
-    """A (tokens, slots) buffer with no tokens, standing in for an AW that sent nothing."""
+    """A packed buffer with no tokens, standing in for an AW that sent nothing."""
     if capacity not in self._empty:
-      rep = self.cell.replicated()
-      self._empty[capacity] = (
-          jax.device_put(np.zeros((capacity, self.cfg.hidden_size), self.cfg.dtype), rep),
-          jax.device_put(np.full((capacity,), -1, np.int32), rep))
+      self._empty[capacity] = jax.device_put(datapath.empty_buffer(self.cfg, capacity),
+                                             self.cell.replicated())
     return self._empty[capacity]
 
-  def run_layer(self, layer, inbox: list[tuple]):
-    """Runs one layer over the buffers of all AWs: inbox[a] = (tokens [C, D], slots i32[C]).
+  def run_layer(self, layer, inbox: list):
+    """Runs one layer over the packed buffers of all AWs (inbox[a]: [C, D + 2]).
 
     Returns per-AW outputs [C, D], or None if the worker is hung.
     """
     if not self._serving():
       return None
-    tokens = tuple(t for t, _ in inbox)
-    slots = tuple(s for _, s in inbox)
-    return datapath.ew_experts(self.weights, self.cfg, layer, tokens, slots, num_ew=self.num_ew)
+    return datapath.ew_experts(self.weights, self.cfg, layer, tuple(inbox), num_ew=self.num_ew)
 
   def sync(self) -> bool:
     """Blocks until this worker's weights are on its cell."""
