@@ -32,6 +32,17 @@ def test_greedy_is_argmax():
     np.testing.assert_array_equal(tokens, np.argmax(logits, -1))
 
 
+def test_greedy_rows_of_a_sampled_batch_are_argmax():
+  """A batch with any sampled row takes the sampling branch; its greedy rows stay argmax."""
+  logits = np.random.default_rng(3).normal(size=(4, V)).astype(np.float32)
+  params = [tj.SamplingParams(temperature=t, seed=s) for s, t in enumerate((0.0, 0.8, 0.0, 5.0))]
+  for step in range(6):
+    tokens = _sample(logits, params, [step] * 4)
+    np.testing.assert_array_equal(tokens[[0, 2]], np.argmax(logits, -1)[[0, 2]])
+    alone = [_sample(logits[r:r + 1], [params[r]], [step])[0] for r in (1, 3)]
+    np.testing.assert_array_equal(tokens[[1, 3]], alone)
+
+
 def test_tiny_top_p_is_argmax_at_any_temperature():
   logits = np.random.default_rng(1).normal(size=(4, V)).astype(np.float32)
   for step in range(5):
