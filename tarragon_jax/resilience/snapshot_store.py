@@ -222,7 +222,9 @@ class SnapshotStore(FaultDomain):
       step_kv = np.asarray(step_kv)  # waits for the AW's device here, off its path
       _, L, B, _, K, H = step_kv.shape
       with self._lock:
-        mirror, kvs = self._mirror(aw, L, B, K, H, step_kv.dtype), self._kv
+        mirror, kvs = self._mirrors.get(aw), self._kv
+        if mirror is None or B > len(mirror.owner):
+          mirror = self._mirror(aw, L, B, K, H, step_kv.dtype)
         S = mirror.kv.shape[3]
         record, slots, cells, positions = {}, [], [], 0
         for rid, slot, start, n in rows:
@@ -241,10 +243,13 @@ class SnapshotStore(FaultDomain):
           kv.committed = record[rid] = start + n  # all L layers are in: the commit record
           positions += n
         if slots:  # every decode row of the step in one write
-          mirror.cells[:, np.array(cells)] = (
-              step_kv[:, :, :, 0].reshape(2 * L, B, K * H)[:, np.array(slots)])
+          rows = step_kv[:, :, :, 0].reshape(2 * L, B, K * H)
+          mirror.cells[:, cells] = rows if slots == list(range(B)) else rows[:, slots]
         self.bytes_in += positions * 2 * L * K * H * step_kv.itemsize
-        self.log.setdefault(aw, collections.deque(maxlen=1024)).append((seq, record))
+        log = self.log.get(aw)
+        if log is None:
+          log = self.log[aw] = collections.deque(maxlen=1024)
+        log.append((seq, record))
     elif kind == "base":
       _, aw, rows, k, v = item
       k, v = np.asarray(k), np.asarray(v)
