@@ -44,6 +44,6 @@ def get_config() -> ml_collections.ConfigDict:
   # of (snapshots on, snapshots off, baseline), medians reported.
   c.throughput_requests = 24
   # The per-repetition ratio of two identical variants spreads ~10 % (sd) on 2 cores: 30
-  # repetitions put the median's 95 % interval at about +-4 %; `--config.reps=100` (~8 min) at +-2 %.
+  # repetitions put the median's 95 % interval at about +-4 %; `--config.reps=100` (~7 min) at +-2 %.
   c.reps = 30
   return c
