@@ -209,7 +209,7 @@ class ExpertWorker(FaultDomain):
                         ("layers", "slots", "expert_hidden", "embed"))
     shardings = cell.shardings_for(EW_RULES, axes, host)
     self.weights = jax.device_put(host, shardings)
-    self._empty: dict[int, tuple] = {}
+    self._empty: dict[int, jax.Array] = {}
 
   def empty_buffer(self, capacity: int):
     """A packed buffer with no tokens, standing in for an AW that sent nothing."""
