@@ -244,6 +244,20 @@ def test_durable_tier_holds_whole_committed_chunks(store, tmp_path):
     kv_archive.read_archive(str(tmp_path), 1)
 
 
+def test_one_archive_write_holds_several_requests_and_each_reads_back_alone(tmp_path):
+  archive = kv_archive.KVArchive(str(tmp_path), CFG, chunk=16)
+  rng = np.random.default_rng(10)
+  k, v = kv(rng, 3, 16)  # [L, 3, 16, K, H]: requests 7, 8, 9, positions [0, 16)
+  archive.write([7, 8, 9], 0, np.stack([k, v]).transpose(2, 0, 1, 3, 4, 5))
+  archive.commit()
+  archive.poll_until_idle()
+  assert archive.durable == {7: 16, 8: 16, 9: 16}
+  for b, rid in enumerate((7, 8, 9)):
+    got_k, got_v = kv_archive.read_archive(str(tmp_path), rid)
+    np.testing.assert_array_equal(got_k, k[:, b])
+    np.testing.assert_array_equal(got_v, v[:, b])
+
+
 def test_a_slot_the_commit_file_lists_is_not_reused_until_a_file_without_it_lands(tmp_path):
   archive = kv_archive.KVArchive(str(tmp_path), CFG, capacity=1, chunk=16)
   rng = np.random.default_rng(9)
