@@ -314,14 +314,25 @@ class SnapshotStore(FaultDomain):
       return
     chunk = self.archive.chunk
     with self._lock:
-      todo: dict[tuple[int, int], list] = {}  # (lo, hi) -> [(request, kv [2, L, hi - lo, K, H])]
+      ranges: dict[tuple[int, int], list] = {}  # (lo, hi) -> [(request, k, v views)]
       for rid, kv in self._kv.items():
         hi = kv.committed // chunk * chunk
         if hi > kv.archived:
           k, v = self._arrays(kv)
-          todo.setdefault((kv.archived, hi), []).append(
-              (rid, np.stack([k[:, kv.archived:hi], v[:, kv.archived:hi]])))
+          ranges.setdefault((kv.archived, hi), []).append(
+              (rid, k[:, kv.archived:hi], v[:, kv.archived:hi]))
           kv.archived = hi
-    for (lo, _), items in todo.items():  # one write per range of positions
-      self.archive.write([rid for rid, _ in items], lo, np.stack([kv for _, kv in items]))
+      todo = [(lo, items, self._copy_range(items)) for (lo, _), items in ranges.items()]
+    for lo, items, kv in todo:  # one write per range of positions
+      self.archive.write([rid for rid, _, _ in items], lo, kv)
     self.archive.commit()
+
+  @staticmethod
+  def _copy_range(items: list) -> np.ndarray:
+    """kv [n, 2, L, len, K, H] of (request, k, v) views: copied while the lock is held (a
+    mirror row may be reused after it)."""
+    k0 = items[0][1]
+    kv = np.empty((len(items), 2, *k0.shape), k0.dtype)
+    for i, (_, k, v) in enumerate(items):
+      kv[i, 0], kv[i, 1] = k, v
+    return kv

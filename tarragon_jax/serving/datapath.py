@@ -42,17 +42,20 @@ SLOT_DIGITS = 2  # base-256 digits of (slot id + 1) at the end of a packed buffe
 MAX_SLOTS = 256 ** SLOT_DIGITS - 1  # slot ids a packed buffer can carry: 0 .. MAX_SLOTS - 1
 
 
+_PLACES = 256 ** jnp.arange(SLOT_DIGITS - 1, -1, -1)  # most significant digit first
+
+
 def pack(tokens, slots):
   """A packed buffer [C, D + 2] of tokens [C, D] and their slot ids i32[C] (-1: empty row)."""
-  v = slots.astype(jnp.int32) + 1
-  digits = jnp.stack([v // 256, v % 256], axis=1).astype(tokens.dtype)  # exact even in bf16
+  v = slots.astype(jnp.int32)[:, None] + 1
+  digits = (v // _PLACES % 256).astype(tokens.dtype)  # integers < 256: exact even in bf16
   return jnp.concatenate([tokens, digits], axis=1)
 
 
 def unpack(buf, hidden_size: int):
   """(tokens [C, D], slots i32[C]) of a packed buffer [C, D + 2]."""
   digits = buf[:, hidden_size:].astype(jnp.int32)
-  return buf[:, :hidden_size], digits[:, 0] * 256 + digits[:, 1] - 1
+  return buf[:, :hidden_size], digits @ _PLACES - 1
 
 
 def empty_buffer(cfg: ModelConfig, capacity: int) -> np.ndarray:
