@@ -107,33 +107,47 @@ def _throughput(cd, cfg, params, weights_dir, spawner) -> list[dict]:
   """Closed loop: every request at t=0; tokens/s of each variant, interleaved repetitions.
 
   After each timed run the engine settles (its snapshot store finishes the run's tail, timed
-  as `settle_s`), so that background work is not charged to the next variant's clock.
+  as `settle_s`), so that background work is not charged to the next variant's clock. Every
+  `rebuild_every` repetitions the engines are built afresh (in the other order): one engine
+  instance can run a few percent faster or slower than an identical one for its whole life
+  (measured: two identical baseline engines 0.92-1.0 apart over 30 repetitions), and rebuilding
+  spreads that over every variant instead of biasing one comparison.
   """
   variants = {"snapshots_on": ("tarragon", True, spawner),
               "snapshots_off": ("tarragon", False, spawner),
               "global_restart": ("global_restart", False, spawner)}
   if spawner is not None:
     variants["local_runtime"] = ("tarragon", True, None)
-  engines = {k: _engine(cd, cfg, params, weights_dir, *v) for k, v in variants.items()}
   rng = np.random.default_rng(cd.seed + 1)
-  w = cd.workload
-  records = []
-  for rep in range(cd.reps):
-    prompts = rng.integers(0, cfg.vocab_size, (cd.throughput_requests, w.prompt_len))
-    for name in (list(engines) if rep % 2 == 0 else list(engines)[::-1]):
-      engine = engines[name]
-      start = time.perf_counter()
-      outs = engine.generate(prompts.tolist(), w.output_len)
-      seconds = time.perf_counter() - start
-      engine.settle()
-      records.append(dict(run="throughput", variant=name, rep=rep, seconds=seconds,
-                          settle_s=time.perf_counter() - start - seconds,
-                          throughput_tok_s=sum(map(len, outs)) / seconds))
-      engine.release()  # a benchmark's engines would otherwise keep every request they served
-      logging.info("throughput %s rep %d: %.0f tok/s", name, rep, records[-1]["throughput_tok_s"])
+  records, engines = [], {}
+  try:
+    for rep in range(cd.reps):
+      order = list(variants) if rep % 2 == 0 else list(variants)[::-1]
+      if not engines or (cd.rebuild_every and rep % cd.rebuild_every == 0):
+        _close(engines)
+        engines = {k: _engine(cd, cfg, params, weights_dir, *variants[k]) for k in order}
+      prompts = rng.integers(0, cfg.vocab_size, (cd.throughput_requests, cd.workload.prompt_len))
+      for name in order:
+        engine = engines[name]
+        start = time.perf_counter()
+        outs = engine.generate(prompts.tolist(), cd.throughput_output_len)
+        seconds = time.perf_counter() - start
+        engine.settle()
+        records.append(dict(run="throughput", variant=name, rep=rep, seconds=seconds,
+                            settle_s=time.perf_counter() - start - seconds,
+                            throughput_tok_s=sum(map(len, outs)) / seconds))
+        engine.release()  # a benchmark's engines would otherwise keep every request they served
+        logging.info("throughput %s rep %d: %.0f tok/s", name, rep,
+                     records[-1]["throughput_tok_s"])
+  finally:
+    _close(engines)
+  return records
+
+
+def _close(engines: dict):
   for engine in engines.values():
     engine.close()
-  return records
+  engines.clear()
 
 
 def main(argv):

@@ -29,7 +29,8 @@ def test_failover_main_job_compares_recovery_with_the_baseline(tmp_path):
   out = _run("experiments.failover", "--config=configs/failover_tiny.py",
              f"--workdir={tmp_path}", "--config.workload.num_requests=8",
              "--config.workload.rate=40", "--config.workload.output_len=48",
-             "--config.fault_at_s=0.2", "--config.reps=1", "--config.throughput_requests=4",
+             "--config.fault_at_s=0.2", "--config.reps=2", "--config.rebuild_every=1",
+             "--config.throughput_requests=4", "--config.throughput_output_len=8",
              "--config.warm_all_buckets=False")
   summary = json.loads((tmp_path / "summary.json").read_text())
   keys = {"mode", "fault", "requests", "completed", "service_stall_s", "max_request_stall_s",
@@ -52,7 +53,9 @@ def test_failover_main_job_compares_recovery_with_the_baseline(tmp_path):
   assert "[6/6] global_restart, fault: ew" in out  # progress
   assert "baseline / Tarragon" in out or "no ratio" in out
   records = launch_config.read_jsonl(tmp_path / "results.jsonl")
-  assert len([r for r in records if r["run"] == "throughput"]) == 3
+  throughput = [r for r in records if r["run"] == "throughput"]
+  assert sorted((r["rep"], r["variant"]) for r in throughput) == sorted(
+      (rep, v) for rep in (0, 1) for v in ("snapshots_on", "snapshots_off", "global_restart"))
   for png in ("timeline.png", "stalls.png"):
     assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert (tmp_path / "timeline_tarragon_ew.jsonl").exists()
