@@ -102,6 +102,43 @@ def test_restore_point_is_exactly_the_kv_written_per_slot(store):
   assert store.restore_point(3) is None
 
 
+def test_one_batch_of_interleaved_steps_commits_exactly_what_each_step_wrote(store):
+  """One batch of the store's thread: decode steps of two AWs interleaved with a forget and a
+  joining request (in the forgotten request's slot) keep their order."""
+  store.batch_s = 1.0  # everything below is applied as one batch (`drain` hurries it)
+  rng = np.random.default_rng(11)
+  want, log = {}, {0: [], 1: []}
+
+  def logged(aw, seq, rows, B, T):
+    k, v = kv(rng, B, T)
+    step(store, aw, seq, rows, k, v)
+    for rid, slot, start, n in rows:
+      old = want.get(rid, [np.zeros((L, 0, K, H), np.float32)] * 2)
+      want[rid] = [np.concatenate([old[0][:, :start], k[:, slot, :n]], 1),
+                   np.concatenate([old[1][:, :start], v[:, slot, :n]], 1)]
+    log[aw].append((seq, {rid: start + n for rid, _, start, n in rows}))
+
+  logged(0, 0, [(1, 2, 0, 4), (2, 0, 0, 2)], 3, 4)  # prefill on AW 0
+  logged(1, 1, [(3, 1, 0, 3)], 2, 4)  # and on AW 1
+  for seq in range(2, 5):  # decode, rows not in slot order, AW 1 interleaved
+    logged(0, seq, [(2, 0, seq, 1), (1, 2, seq + 2, 1)], 3, 1)
+    logged(1, 10 + seq, [(3, 1, seq + 1, 1)], 2, 1)
+  store.forget(2)
+  want.pop(2)
+  logged(0, 5, [(1, 2, 7, 1)], 3, 1)
+  logged(0, 6, [(1, 2, 8, 1), (4, 0, 0, 3)], 3, 3)  # request 4 joins in request 2's old slot
+  for seq in range(7, 10):
+    logged(0, seq, [(1, 2, seq + 2, 1), (4, 0, seq - 4, 1)], 3, 1)
+  drain(store)
+  assert store.restore_point(2) is None
+  for rid, (k, v) in want.items():
+    assert store.committed(rid) == k.shape[1], rid
+    got_k, got_v = store.restore_point(rid)
+    np.testing.assert_array_equal(got_k, k)
+    np.testing.assert_array_equal(got_v, v)
+  assert {aw: list(store.log[aw]) for aw in (0, 1)} == log
+
+
 def test_gap_is_not_logged_until_a_base_arrives(store):
   rng = np.random.default_rng(2)
   k, v = kv(rng, 1, 4)
