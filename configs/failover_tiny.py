@@ -7,8 +7,9 @@ results.jsonl, timeline_*.jsonl, timeline.png and stalls.png under `workdir`:
   python -m experiments.failover --config=configs/failover_tiny.py
 
 Override any field, e.g. `--config.fault_at_s=3 --config.workload.rate=10`, or run every
-worker as its own process with `--config.runtime=process` (the throughput comparison then
-includes the local runtime).
+worker as its own process with `--config.runtime=process --config.reps=6 --config.rebuild_every=0`
+(the throughput comparison then includes the local runtime; rebuilding would respawn every
+worker process).
 """
 
 import ml_collections

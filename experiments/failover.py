@@ -8,9 +8,9 @@ failure and one EW failure. For each run it reports the service stall (the longe
 zero output tokens after the fault), the max request stall (the extra wait of one in-flight
 request beyond its usual token gap), recomputed tokens, throughput and whether every request's
 greedy tokens equal the fault-free run's; then fault-free closed-loop throughput of Tarragon
-(snapshots on and off) vs the baseline in interleaved repetitions. `--config.runtime=process`
-runs every worker as its own OS process (faults are SIGKILL), and adds the local runtime to
-the throughput comparison.
+(snapshots on and off) vs the baseline in interleaved repetitions, on engines rebuilt every
+`rebuild_every` repetitions. `--config.runtime=process` runs every worker as its own OS
+process (faults are SIGKILL), and adds the local runtime to the throughput comparison.
 
 Writes to the workdir: summary.json ({"runs": [{"mode", "fault", "requests", "completed",
 "service_stall_s", "max_request_stall_s", "recomputed_tokens", "throughput_tok_s",
