@@ -119,13 +119,15 @@ def _throughput(cd, cfg, params, weights_dir, spawner) -> list[dict]:
   if spawner is not None:
     variants["local_runtime"] = ("tarragon", True, None)
   rng = np.random.default_rng(cd.seed + 1)
-  records, engines = [], {}
+  records, engines, builds = [], {}, 0
   try:
     for rep in range(cd.reps):
-      order = list(variants) if rep % 2 == 0 else list(variants)[::-1]
       if not engines or (cd.rebuild_every and rep % cd.rebuild_every == 0):
         _close(engines)
-        engines = {k: _engine(cd, cfg, params, weights_dir, *variants[k]) for k in order}
+        names = list(variants) if builds % 2 == 0 else list(variants)[::-1]
+        engines = {k: _engine(cd, cfg, params, weights_dir, *variants[k]) for k in names}
+        builds += 1
+      order = list(variants) if rep % 2 == 0 else list(variants)[::-1]
       prompts = rng.integers(0, cfg.vocab_size, (cd.throughput_requests, cd.workload.prompt_len))
       for name in order:
         engine = engines[name]
