@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import numpy as np
@@ -180,6 +181,21 @@ def test_packed_buffer_carries_tokens_and_every_slot_id(dtype):
   assert empty.dtype == np.dtype(dtype) and empty.shape[0] == 3
   got_tokens, got_slots = datapath.unpack(jax.numpy.asarray(empty), cfg.hidden_size)
   assert not np.asarray(got_tokens).any() and (np.asarray(got_slots) == -1).all()
+
+
+def test_importing_the_library_starts_no_jax_backend():
+  """A user imports the library first and sets the CPU device count after: every module must
+  leave JAX's backends unstarted at import (a module-level jax array would start them)."""
+  import subprocess
+  import sys
+  code = ("import importlib, pkgutil, tarragon_jax, jax\n"
+          "for m in pkgutil.walk_packages(tarragon_jax.__path__, 'tarragon_jax.'):\n"
+          "  importlib.import_module(m.name)\n"
+          "jax.config.update('jax_num_cpu_devices', 3)\n"
+          "print(len(jax.devices('cpu')))\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
+  assert out.returncode == 0 and out.stdout.split()[-1] == "3", out.stderr[-2000:]
 
 
 # -- routing is data: rerouting compiles nothing and changes no token ----------------------------

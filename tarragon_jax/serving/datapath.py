@@ -42,7 +42,9 @@ SLOT_DIGITS = 2  # base-256 digits of (slot id + 1) at the end of a packed buffe
 MAX_SLOTS = 256 ** SLOT_DIGITS - 1  # slot ids a packed buffer can carry: 0 .. MAX_SLOTS - 1
 
 
-_PLACES = 256 ** jnp.arange(SLOT_DIGITS - 1, -1, -1)  # most significant digit first
+# Most significant digit first. A numpy constant: a jax array here would start JAX's backends
+# at import (after which `jax_num_cpu_devices` can no longer be set).
+_PLACES = 256 ** np.arange(SLOT_DIGITS - 1, -1, -1, dtype=np.int32)
 
 
 def pack(tokens, slots):
