@@ -46,8 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   # off, baseline), engines rebuilt every `rebuild_every` repetitions (0: never), medians
   # reported. The per-repetition ratio of two identical variants spreads ~12 % (sd) on 2 cores:
   # many short repetitions pin the median better than few long ones (60 put its 95 % interval
-  # at about +-2.5 %). 64 tokens: each run also writes the durable tier (one 64-position chunk
-  # per request).
+  # at about +-1.5 % in three runs). 64 tokens: each run also writes the durable tier (one
+  # 64-position chunk per request).
   c.throughput_requests = 24
   c.throughput_output_len = 64
   c.reps = 60
