@@ -106,8 +106,9 @@ def _run(cd, cfg, params, weights_dir, work, reference, mode: str, fault: str, w
 def _throughput(cd, cfg, params, weights_dir, spawner) -> list[dict]:
   """Closed loop: every request at t=0; tokens/s of each variant, interleaved repetitions.
 
-  After each timed run the engine settles (its snapshot store finishes the run's tail, timed
-  as `settle_s`), so that background work is not charged to the next variant's clock. Every
+  A run ends when its tokens are out and their KV is in the snapshot store's host tier (the
+  store applies steps in batches: the run's last batch is timed); then, not timed (`settle_s`),
+  the durable tier's writes land, so that they are not charged to the next variant. Every
   `rebuild_every` repetitions the engines are built afresh (in the other order): one engine
   instance can run a few percent faster or slower than an identical one for its whole life
   (measured: two identical baseline engines 0.92-1.0 apart over 30 repetitions), and rebuilding
@@ -133,6 +134,7 @@ def _throughput(cd, cfg, params, weights_dir, spawner) -> list[dict]:
         engine = engines[name]
         start = time.perf_counter()
         outs = engine.generate(prompts.tolist(), cd.throughput_output_len)
+        engine.settle(durable=False)
         seconds = time.perf_counter() - start
         engine.settle()
         records.append(dict(run="throughput", variant=name, rep=rep, seconds=seconds,

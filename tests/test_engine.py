@@ -366,6 +366,18 @@ def test_idle_while_any_request_is_open():
   assert engine.idle
 
 
+def test_settle_without_durable_leaves_every_served_position_in_the_host_tier():
+  engine = _engine("mixtral")
+  rid = engine.submit(Request(PROMPTS[3], 8))
+  for _ in range(4):  # the prefill and three decode steps; the store applies them in batches
+    engine.step()
+  engine.settle(durable=False)
+  assert engine.store.committed(rid) == engine.requests[rid].cached == len(PROMPTS[3]) + 3
+  engine.run()
+  assert engine.tokens(rid) == _reference("mixtral")[3][:8]
+  engine.release()
+
+
 def test_release_forgets_finished_requests_only():
   engine = _engine("mixtral")
   done = engine.submit(Request(PROMPTS[4], 1))
