@@ -134,7 +134,8 @@ def ew_experts(w: ExpertParams, cfg: ModelConfig, layer, bufs, *, num_ew: int):
   """One EW's expert call for one layer over the buffers of all AWs.
 
   Args:
-    w: this EW's experts, [L, S, ...] (primaries and shadows).
+    w: this EW's experts, [L, S, ...] (primaries and shadows; the load is expected on the
+      primaries: shadows receive tokens only after a failover).
     bufs: A packed buffers [C_a, D + 2] (see the module docstring).
     num_ew: EWs in the cluster, to size the expected load of one EW.
   Returns:
@@ -143,7 +144,9 @@ def ew_experts(w: ExpertParams, cfg: ModelConfig, layer, bufs, *, num_ew: int):
   x, s = unpack(jnp.concatenate(bufs, axis=0), cfg.hidden_size)
   lw = jax.tree.map(lambda a: a[layer], w)
   load = max(1, x.shape[0] // (num_ew * cfg.top_k) * cfg.top_k)
-  y = expert_ffn(x, s, lw, cfg.expert_kernel, cfg.capacity_factor, load_tokens=load)
+  primaries = -(-cfg.num_experts // num_ew)  # placement spreads primaries evenly; shadows idle
+  y = expert_ffn(x, s, lw, cfg.expert_kernel, cfg.capacity_factor, load_tokens=load,
+                 active_slots=primaries)
   sizes = [b.shape[0] for b in bufs]
   bounds = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
   return tuple(jnp.split(y, bounds, axis=0))
