@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_aw = 3
   c.num_ew = 4
   c.slots_per_aw = 8  # headroom: survivors can take a failed AW's requests at once
-  c.shadows_per_expert = 1
+  c.shadows_per_expert = 1  # Tarragon's engines; the global-restart baseline holds none
   c.probe_interval_s = 0.01  # detection: probe a silent peer every 10 ms, as in the paper
   c.flush_interval_s = 0.2  # the snapshot store's durable tier
   c.warm_all_buckets = True  # compile every step length up front (False: decode + 16 only)

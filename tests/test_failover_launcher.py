@@ -47,7 +47,7 @@ def test_failover_main_job_compares_recovery_with_the_baseline(tmp_path):
     assert runs["global_restart", kind]["restart_phases"][0]["compile_s"] > 0
   assert set(summary["throughput_median_tok_s"]) == {"snapshots_on", "snapshots_off",
                                                       "global_restart"}
-  for key in ("throughput_tarragon_baseline", "throughput_noise_reference"):
+  for key in ("throughput_tarragon_baseline", "throughput_snapshots_off_baseline"):
     lo, hi = summary[f"{key}_ci"]
     assert lo <= summary[key] <= hi, key
   assert "[6/6] global_restart, fault: ew" in out  # progress
