@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import tarragon_jax as tj
+from tarragon_jax.layers.params import ExpertParams
 from tarragon_jax.mesh.cells import CellPlan
 from tarragon_jax.resilience.placement import place
 from tarragon_jax.resilience.routing_table import RoutingTable
@@ -181,6 +182,32 @@ def test_packed_buffer_carries_tokens_and_every_slot_id(dtype):
   assert empty.dtype == np.dtype(dtype) and empty.shape[0] == 3
   got_tokens, got_slots = datapath.unpack(jax.numpy.asarray(empty), cfg.hidden_size)
   assert not np.asarray(got_tokens).any() and (np.asarray(got_slots) == -1).all()
+
+
+@pytest.mark.parametrize("to_shadows", [False, True])
+def test_an_ew_call_is_exact_whether_its_shadows_idle_or_serve(to_shadows):
+  """An EW computes only its primaries while no token reaches its shadows (fault-free), and
+  every slot once one does (after a failover): the outputs are the experts' either way."""
+  cfg = CONFIGS["mixtral"]
+  num_ew, S = 4, 4  # two primaries (slots 0, 1) and two shadows per EW and layer
+  assert -(-cfg.num_experts // num_ew) == 2
+  keys = jax.random.split(jax.random.key(1), 3)
+  D, F = cfg.hidden_size, cfg.expert_hidden
+  w = ExpertParams(*(0.1 * jax.random.normal(k, (cfg.num_layers, S, *shape))
+                        for k, shape in zip(keys, [(D, F), (D, F), (F, D)])))
+  rng = np.random.default_rng(2)
+  bufs, want = [], []
+  for a in range(3):
+    x = rng.normal(size=(8, D)).astype(np.float32)
+    slots = rng.integers(-1, 2, 8).astype(np.int32)
+    if to_shadows and a == 1:
+      slots[[2, 5]] = [3, 2]
+    bufs.append(datapath.pack(jax.numpy.asarray(x), slots))
+    layer = jax.tree.map(lambda t: t[1], w)
+    want.append(tj.expert_ffn(jax.numpy.asarray(x), slots, layer, "loop"))
+  got = datapath.ew_experts(w, cfg, np.int32(1), tuple(bufs), num_ew=num_ew)
+  for g, y in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
 def test_importing_the_library_starts_no_jax_backend():

@@ -115,24 +115,6 @@ def test_capacity_sized_for_the_real_load_still_drops_nothing(experts, load_toke
   np.testing.assert_array_equal(np.asarray(got)[ids < 0], 0.0)
 
 
-def test_idle_shadow_slots_do_not_shrink_the_primaries_capacity():
-  from tarragon_jax.layers.experts import slot_capacity
-  # An EW of the main job: 48 buffer rows, 12 expected, 2 primaries (+ 2 shadows).
-  alone = slot_capacity(48, 2, 2.0 * 12 / 48)
-  assert slot_capacity(48, 4, 2.0 * 12 / 48, active_slots=2) == alone == 12
-  assert slot_capacity(48, 4, 2.0 * 12 / 48) == 6  # counting the shadows: half as many rows
-  assert slot_capacity(48, 4, 2.0 * 12 / 48, active_slots=9) == 6  # at most every slot
-
-
-def test_capacity_for_the_primaries_stays_exact_when_shadow_slots_get_tokens(experts):
-  """After a failover the shadows' slots get tokens too: overflow takes the exact branch."""
-  x, p = experts
-  ids = _ids(np.random.default_rng(5), "random+padding")
-  got = tj.expert_ffn(x, jnp.asarray(ids, jnp.int32), p, "capacity", load_tokens=6,
-                      active_slots=2)
-  np.testing.assert_allclose(np.asarray(got), _numpy_reference(x, ids, p), rtol=0, atol=TOL)
-
-
 def test_auto_kernel_is_capacity_on_cpu(experts):
   x, p = experts
   ids = jnp.asarray(_ids(np.random.default_rng(2), "random+padding"), jnp.int32)

@@ -33,8 +33,7 @@ def resolve_kernel(kernel: str) -> str:
 
 
 def expert_ffn(x: jax.Array, slot_ids: jax.Array, p: ExpertParams, kernel: str = "auto",
-               capacity_factor: float = 2.0, load_tokens: int | None = None,
-               active_slots: int | None = None) -> jax.Array:
+               capacity_factor: float = 2.0, load_tokens: int | None = None) -> jax.Array:
   """Runs each token through the expert in its slot.
 
   Args:
@@ -45,9 +44,6 @@ def expert_ffn(x: jax.Array, slot_ids: jax.Array, p: ExpertParams, kernel: str =
     capacity_factor: "capacity" kernel only; slots per expert = ceil(factor * load / E).
     load_tokens: "capacity" kernel only; the expected number of real (non-padding) tokens,
       when x is mostly padding (default M). Overflow still falls back to the exact branch.
-    active_slots: "capacity" kernel only; how many of the E slots are expected to share that
-      load (default all): an EW's shadow experts stand idle until a failover, and counting
-      them would halve the primaries' capacity and send most calls down the exact branch.
   Returns:
     [M, D]: expert output per token, zeros for padding.
   """
@@ -57,8 +53,7 @@ def expert_ffn(x: jax.Array, slot_ids: jax.Array, p: ExpertParams, kernel: str =
   if kernel == "ragged":
     return _ragged(x, slot_ids, p)
   if kernel == "capacity":
-    return _capacity(x, slot_ids, p, capacity_factor * (load_tokens or x.shape[0]) / x.shape[0],
-                     active_slots)
+    return _capacity(x, slot_ids, p, capacity_factor * (load_tokens or x.shape[0]) / x.shape[0])
   raise ValueError(f"expert_ffn: kernel={kernel!r}; valid kernels are auto, ragged, capacity, loop")
 
 
@@ -83,16 +78,7 @@ def _ragged(x, slot_ids, p: ExpertParams):
   return jnp.where(valid[:, None], out, 0)
 
 
-def slot_capacity(num_tokens: int, num_slots: int, capacity_factor: float,
-                  active_slots: int | None = None) -> int:
-  """Rows per slot of the sort-and-pad kernel: `capacity_factor` times the tokens per active
-  slot, at least 1, at most all tokens."""
-  active = min(active_slots or num_slots, num_slots)
-  return min(num_tokens, max(1, math.ceil(capacity_factor * num_tokens / active)))
-
-
-def _capacity(x, slot_ids, p: ExpertParams, capacity_factor: float,
-              active_slots: int | None = None):
+def _capacity(x, slot_ids, p: ExpertParams, capacity_factor: float):
   num_tokens, num_slots = x.shape[0], p.w_gate.shape[0]
   ids = jnp.where(slot_ids >= 0, slot_ids, num_slots)  # padding sorts last, into no buffer
   order = jnp.argsort(ids, stable=True)
@@ -113,7 +99,7 @@ def _capacity(x, slot_ids, p: ExpertParams, capacity_factor: float,
     ys = y.at[dest].get(mode="fill", fill_value=0)
     return jnp.zeros_like(x).at[order].set(ys)
 
-  capacity = slot_capacity(num_tokens, num_slots, capacity_factor, active_slots)
+  capacity = min(num_tokens, max(1, math.ceil(capacity_factor * num_tokens / num_slots)))
   if capacity >= num_tokens:
     return run(num_tokens)
   overflow = jnp.max(counts[:num_slots]) > capacity
