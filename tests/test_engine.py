@@ -186,11 +186,34 @@ def test_packed_buffer_carries_tokens_and_every_slot_id(dtype):
 
 @pytest.mark.parametrize("to_shadows", [False, True])
 def test_an_ew_call_is_exact_whether_its_shadows_idle_or_serve(to_shadows):
-  """An EW computes only its primaries while no token reaches its shadows (fault-free), and
-  every slot once one does (after a failover): the outputs are the experts' either way."""
+  """An EW computes only its primaries while the routing table sends nothing to its shadows
+  (fault-free), and every slot once it does (after a failover): the outputs are the experts'
+  either way."""
   cfg = CONFIGS["mixtral"]
   num_ew, S = 4, 4  # two primaries (slots 0, 1) and two shadows per EW and layer
-  assert -(-cfg.num_experts // num_ew) == 2
+  w, bufs, want = _ew_inputs(cfg, S, shadow_rows=[2, 5] if to_shadows else [])
+  got = datapath.ew_experts(w, cfg, np.int32(1), tuple(bufs), num_ew=num_ew,
+                            slots=S if to_shadows else 2)
+  for g, y in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_a_token_routed_past_the_computed_slots_gets_nan_not_zero():
+  cfg = CONFIGS["mixtral"]
+  w, bufs, want = _ew_inputs(cfg, 4, shadow_rows=[2, 5])
+  got = datapath.ew_experts(w, cfg, np.int32(1), tuple(bufs), num_ew=4, slots=2)
+  for a, (g, y) in enumerate(zip(got, want)):
+    bad = np.isnan(np.asarray(g)).any(axis=1)
+    assert bad.tolist() == [a == 1 and i in (2, 5) for i in range(8)]
+    np.testing.assert_allclose(np.asarray(g)[~bad], np.asarray(y)[~bad], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="slots=5; this EW holds 1..4"):
+    datapath.ew_experts(w, cfg, np.int32(1), tuple(bufs), num_ew=4, slots=5)
+
+
+def _ew_inputs(cfg, S: int, shadow_rows: list[int]):
+  """An EW's weights [L, S, ...], three AWs' packed buffers of 8 rows for layer 1 (AW 1's
+  `shadow_rows` go to shadow slots 3 and 2, the rest to primaries 0, 1 or nowhere), and each
+  buffer's expected outputs."""
   keys = jax.random.split(jax.random.key(1), 3)
   D, F = cfg.hidden_size, cfg.expert_hidden
   w = ExpertParams(*(0.1 * jax.random.normal(k, (cfg.num_layers, S, *shape))
@@ -200,14 +223,12 @@ def test_an_ew_call_is_exact_whether_its_shadows_idle_or_serve(to_shadows):
   for a in range(3):
     x = rng.normal(size=(8, D)).astype(np.float32)
     slots = rng.integers(-1, 2, 8).astype(np.int32)
-    if to_shadows and a == 1:
-      slots[[2, 5]] = [3, 2]
+    if a == 1 and shadow_rows:
+      slots[shadow_rows] = [3, 2]
     bufs.append(datapath.pack(jax.numpy.asarray(x), slots))
     layer = jax.tree.map(lambda t: t[1], w)
     want.append(tj.expert_ffn(jax.numpy.asarray(x), slots, layer, "loop"))
-  got = datapath.ew_experts(w, cfg, np.int32(1), tuple(bufs), num_ew=num_ew)
-  for g, y in zip(got, want):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(y), rtol=1e-5, atol=1e-6)
+  return w, bufs, want
 
 
 def test_importing_the_library_starts_no_jax_backend():
@@ -229,8 +250,9 @@ def test_importing_the_library_starts_no_jax_backend():
 
 
 def _warm(engine: Engine):
-  """Runs both shapes (16-token prefill bucket, decode) once."""
-  _serve(engine, [Request(PROMPTS[0], 2), Request(PROMPTS[1], 2)])
+  """Compiles both step shapes (16-token prefill bucket, decode), the EWs' expert calls with
+  idle and with serving shadows included."""
+  engine.warm_up([1, 16])
 
 
 def test_reroute_by_hand_same_tokens_no_compiles():

@@ -166,3 +166,32 @@ def test_table_arrays_are_read_only():
     t.replicas[0, 0, 0] = 0
   with pytest.raises(dataclasses.FrozenInstanceError):
     t.epoch = 5
+
+
+def test_computed_slots_are_the_primaries_until_a_shadow_serves():
+  base = RoutingTable.from_placement(PLACEMENT)
+  assert base.slots_in_use(4) == [2, 2, 2, 2]  # primaries in slots 0, 1 of each EW
+  assert base.computed_slots(base, 4) == [2, 2, 2, 2]
+  # Expert 0 of layer 1 onto its shadow: only the EW holding that shadow computes every slot.
+  shadow = int(PLACEMENT.replicas[1, 0, 1])
+  moved = base.reroute(1, 0, shadow)
+  want = [2, 2, 2, 2]
+  want[shadow // 4] = 4
+  assert moved.computed_slots(base, 4) == want
+  assert moved.reroute(1, 0, int(PLACEMENT.replicas[1, 0, 0])).computed_slots(base, 4) == [2] * 4
+  # An EW lost: the EWs holding its experts' shadows compute every slot.
+  lost = base.without_ew(2)
+  assert lost.slots_in_use(4)[2] == 0
+  assert lost.computed_slots(base, 4) == [4 if m in {int(p) // 4 for p in lost.active.ravel()
+                                                     if int(p) % 4 >= 2} else 2
+                                          for m in range(4)]
+  assert 4 in lost.computed_slots(base, 4)
+
+
+def test_computed_slots_of_uneven_primaries_cover_each_ews_own():
+  placement = place(1, 8, 3)  # 3, 3 and 2 primaries; shadows after them
+  base = RoutingTable.from_placement(placement)
+  assert base.computed_slots(base, 3) == base.slots_in_use(3)
+  for m, n in enumerate(base.slots_in_use(3)):
+    held = placement.contents[0, m, :n]
+    assert all(placement.replicas[0, e, 0] // placement.slots_per_layer == m for e in held)

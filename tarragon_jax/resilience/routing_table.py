@@ -62,5 +62,27 @@ class RoutingTable:
     """(layer, expert) pairs with no live replica."""
     return [tuple(map(int, le)) for le in np.argwhere(self.active < 0)]
 
+  def slots_in_use(self, num_ew: int) -> list[int]:
+    """Per EW: 1 + the highest local slot any expert is served from (0: the EW serves none)."""
+    used = [0] * num_ew
+    for p in self.active.ravel():
+      if p >= 0:
+        ew, local = divmod(int(p), self.slots_per_layer)
+        used[ew] = max(used[ew], local + 1)
+    return used
+
+  def computed_slots(self, base: RoutingTable, num_ew: int) -> list[int]:
+    """Per EW, how many of its leading slots an expert call computes under this table.
+
+    `place` puts each EW's primaries first and its shadows after them. While the table routes
+    no expert beyond the slots that `base` (the placement's table) serves from, an EW computes
+    only those: its idle shadows cost nothing (computed, they made a fault-free step ~4 %
+    slower). Once a shadow serves, the EW computes every slot. Two sizes per EW, so that both
+    are compiled up front and a failover compiles nothing.
+    """
+    now = self.slots_in_use(num_ew)
+    return [max(1, b) if n <= b else self.slots_per_layer
+            for n, b in zip(now, base.slots_in_use(num_ew))]
+
   def ews_serving(self) -> set[int]:
     return {int(p) // self.slots_per_layer for p in self.active.ravel() if p >= 0}

@@ -129,32 +129,28 @@ def aw_combine(p: ModelParams, cfg: ModelConfig, x, h, layer, results, dest, wei
   return x + y.reshape(x.shape)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_ew"))
-def ew_experts(w: ExpertParams, cfg: ModelConfig, layer, bufs, *, num_ew: int):
+@functools.partial(jax.jit, static_argnames=("cfg", "num_ew", "slots"))
+def ew_experts(w: ExpertParams, cfg: ModelConfig, layer, bufs, *, num_ew: int, slots: int):
   """One EW's expert call for one layer over the buffers of all AWs.
 
   Args:
     w: this EW's experts, [L, S, ...] (its primaries, then its shadows).
     bufs: A packed buffers [C_a, D + 2] (see the module docstring).
     num_ew: EWs in the cluster, to size the expected load of one EW.
+    slots: how many of the EW's leading slots to compute, <= S: the routing table routes no
+      token past them (`RoutingTable.computed_slots`: the primaries while the shadows idle).
+      A token routed past them anyway gets NaN, never a silent zero.
   Returns:
     A arrays [C_a, D]: expert outputs for each AW's buffer (zeros where empty).
   """
+  if not 1 <= slots <= w.w_gate.shape[1]:
+    raise ValueError(f"ew_experts: slots={slots}; this EW holds 1..{w.w_gate.shape[1]}")
   x, s = unpack(jnp.concatenate(bufs, axis=0), cfg.hidden_size)
   load = max(1, x.shape[0] // (num_ew * cfg.top_k) * cfg.top_k)
-
-  def experts(slots: int):  # the layer's first `slots` experts of this EW
-    lw = jax.tree.map(lambda a: a[layer, :slots], w)
-    return expert_ffn(x, s, lw, cfg.expert_kernel, cfg.capacity_factor, load_tokens=load)
-
-  # Each EW's primaries come first (`place`), its shadows after them, idle until a failover:
-  # while no token goes beyond the primaries, only they are computed (the idle shadows counted
-  # in made a call ~55 % slower: the sort-and-pad kernel computes every slot's rows).
-  S, primaries = w.w_gate.shape[1], -(-cfg.num_experts // num_ew)
-  if primaries >= S:
-    y = experts(S)
-  else:
-    y = jax.lax.cond(jnp.any(s >= primaries), lambda: experts(S), lambda: experts(primaries))
+  lw = jax.tree.map(lambda a: a[layer, :slots], w)
+  y = expert_ffn(x, jnp.where(s < slots, s, -1), lw, cfg.expert_kernel, cfg.capacity_factor,
+                 load_tokens=load)
+  y = jnp.where((s >= slots)[:, None], jnp.nan, y)
   sizes = [b.shape[0] for b in bufs]
   bounds = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
   return tuple(jnp.split(y, bounds, axis=0))

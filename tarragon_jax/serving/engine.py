@@ -145,6 +145,7 @@ class Engine(LayerExchange):
         raise ValueError(f"routing table sends layer {l} expert {e} to slot {slot} (EW {ew}), "
                          f"which holds expert {held}")
     self.table = table
+    self.ew_slots = table.computed_slots(self.base_table, p.num_ew)
     self.active_tables = [aw.put(table.active) if owners is not None else None
                           for aw, owners in zip(self.aws, self.slot_owner)]
 
@@ -441,9 +442,12 @@ class Engine(LayerExchange):
     """`warm_worker` for several workers (worker processes compile side by side)."""
     seq_lens = sorted(list(self.seq_lens if seq_lens is None else seq_lens))
     B, X = self.engine_cfg.slots_per_aw, self.cfg.top_k
-    pending = [w.warm_up(seq_lens, len(self.ews), self.placement.slots_per_layer,
-                         w.put(self.base_table.active)) if w.name.startswith("aw")
-               else w.warm_up([B * T * X for T in seq_lens], len(self.aws)) for w in workers]
+    S = self.placement.slots_per_layer
+    ew_slots = sorted(set(self.base_table.computed_slots(self.base_table, len(self.ews))) | {S})
+    pending = [w.warm_up(seq_lens, len(self.ews), S, w.put(self.base_table.active))
+               if w.name.startswith("aw")
+               else w.warm_up([B * T * X for T in seq_lens], len(self.aws), ew_slots)
+               for w in workers]
     for out in pending:
       wait(out)
 

@@ -91,7 +91,7 @@ class LayerExchange:
 
     EWs that are dead or declared failed are missing from the result.
     """
-    calls = {m: (ew, lambda w, m=m: w.run_layer(layer, inbox[m]))
+    calls = {m: (ew, lambda w, m=m: w.run_layer(layer, inbox[m], self.ew_slots[m]))
              for m, ew in enumerate(self.ews) if inbox[m] is not None}
     return {m: out for m, out in self._call_all(calls).items() if out is not None}
 

@@ -218,22 +218,25 @@ class ExpertWorker(FaultDomain):
                                              self.cell.replicated())
     return self._empty[capacity]
 
-  def run_layer(self, layer, inbox: list):
-    """Runs one layer over the packed buffers of all AWs (inbox[a]: [C, D + 2]).
+  def run_layer(self, layer, inbox: list, slots: int):
+    """Runs one layer over the packed buffers of all AWs (inbox[a]: [C, D + 2]), computing the
+    first `slots` expert slots (`RoutingTable.computed_slots`).
 
     Returns per-AW outputs [C, D], or None if the worker is hung.
     """
     if not self._serving():
       return None
-    return datapath.ew_experts(self.weights, self.cfg, layer, tuple(inbox), num_ew=self.num_ew)
+    return datapath.ew_experts(self.weights, self.cfg, layer, tuple(inbox), num_ew=self.num_ew,
+                               slots=slots)
 
   def sync(self) -> bool:
     """Blocks until this worker's weights are on its cell."""
     jax.block_until_ready(self.weights)
     return True
 
-  def warm_up(self, capacities, num_aw: int):
-    """Compiles the expert call for each buffer capacity, on empty buffers."""
+  def warm_up(self, capacities, num_aw: int, slot_counts):
+    """Compiles the expert call for each buffer capacity and count of computed slots, on empty
+    buffers."""
     for c in capacities:
-      out = self.run_layer(0, [self.empty_buffer(c)] * num_aw)
-      jax.block_until_ready(out)
+      for slots in slot_counts:
+        jax.block_until_ready(self.run_layer(0, [self.empty_buffer(c)] * num_aw, slots))
