@@ -416,12 +416,17 @@ def test_idle_while_any_request_is_open():
 
 
 def test_settle_without_durable_leaves_every_served_position_in_the_host_tier():
+  """Decode steps of an unchanged batch go to the store as continuations (no rows), and
+  commit all the same."""
   engine = _engine("mixtral")
   rid = engine.submit(Request(PROMPTS[3], 8))
+  sent, log_step = [], engine.store.log_step
+  engine.store.log_step = lambda aw, seq, rows, kv: (sent.append(rows), log_step(aw, seq, rows, kv))
   for _ in range(4):  # the prefill and three decode steps; the store applies them in batches
     engine.step()
   engine.settle(durable=False)
   assert engine.store.committed(rid) == engine.requests[rid].cached == len(PROMPTS[3]) + 3
+  assert [rows is None for rows in sent] == [False, True, True, True]
   engine.run()
   assert engine.tokens(rid) == _reference("mixtral")[3][:8]
   engine.release()

@@ -139,6 +139,76 @@ def test_one_batch_of_interleaved_steps_commits_exactly_what_each_step_wrote(sto
   assert {aw: list(store.log[aw]) for aw in (0, 1)} == log
 
 
+@pytest.mark.parametrize("one_batch", [True, False])
+def test_continuations_commit_exactly_what_each_step_wrote(store, one_batch):
+  """Decode steps sent as continuations (rows None: the AW's previous rows, one token on), two
+  AWs interleaved, a forget and a joining request between them: the same commits, KV and log
+  as with every step's rows spelled out, in one batch or step by step."""
+  store.batch_s = 1.0 if one_batch else store.batch_s
+  rng = np.random.default_rng(12)
+  want, log, last = {}, {0: [], 1: []}, {}
+
+  def logged(aw, seq, rows, B, T, cont=False):
+    k, v = kv(rng, B, T)
+    if cont:  # the AW's previous rows, each one token on
+      rows = [(rid, slot, start + n, 1) for rid, slot, start, n in last[aw]]
+    step(store, aw, seq, None if cont else rows, k, v)
+    last[aw] = rows
+    for rid, slot, start, n in rows:
+      old = want.get(rid, [np.zeros((L, 0, K, H), np.float32)] * 2)
+      want[rid] = [np.concatenate([old[0][:, :start], k[:, slot, :n]], 1),
+                   np.concatenate([old[1][:, :start], v[:, slot, :n]], 1)]
+    log[aw].append((seq, {rid: start + n for rid, _, start, n in rows}))
+    if not one_batch:
+      drain(store)
+
+  logged(0, 0, [(1, 2, 0, 4), (2, 0, 0, 2)], 3, 4)  # prefill on AW 0
+  logged(1, 1, [(3, 1, 0, 3)], 2, 4)  # and on AW 1
+  logged(0, 2, [(2, 0, 2, 1), (1, 2, 4, 1)], 3, 1)  # rows not in slot order
+  logged(1, 2, [(3, 1, 3, 1)], 2, 1)
+  for seq in range(3, 6):
+    logged(0, seq, None, 3, 1, cont=True)
+    logged(1, seq, None, 2, 1, cont=True)
+  store.forget(2)
+  want.pop(2)
+  logged(0, 6, [(1, 2, 8, 1)], 3, 1)
+  logged(0, 7, [(1, 2, 9, 1), (4, 0, 0, 3)], 3, 3)  # request 4 joins in request 2's old slot
+  logged(0, 8, [(1, 2, 10, 1), (4, 0, 3, 1)], 3, 1)
+  for seq in range(9, 12):
+    logged(0, seq, None, 3, 1, cont=True)
+  drain(store)
+  assert store.restore_point(2) is None
+  for rid, (k, v) in want.items():
+    assert store.committed(rid) == k.shape[1], rid
+    got_k, got_v = store.restore_point(rid)
+    np.testing.assert_array_equal(got_k, k)
+    np.testing.assert_array_equal(got_v, v)
+  assert {aw: list(store.log[aw]) for aw in (0, 1)} == log
+
+
+def test_a_continuation_without_its_previous_step_commits_nothing(store):
+  """A continuation that does not follow the AW's last applied step (a step skipped or lost,
+  or no rows sent yet) is a gap: no commit, no KV, until rows are sent again."""
+  rng = np.random.default_rng(13)
+  k, v = kv(rng, 1, 4)
+  step(store, 0, 0, [(1, 0, 0, 4)], k, v)
+  k1, v1 = kv(rng, 1, 1)
+  step(store, 0, 1, None, k1, v1)  # position 4
+  step(store, 0, 3, None, *kv(rng, 1, 1))  # step 2 never came: cannot follow
+  step(store, 0, 4, None, *kv(rng, 1, 1))  # nor the next one
+  step(store, 1, 0, None, *kv(rng, 1, 1))  # an AW that sent no rows yet
+  k5, v5 = kv(rng, 1, 1)
+  step(store, 0, 5, [(1, 0, 5, 1)], k5, v5)  # rows again: position 5
+  step(store, 0, 6, None, _Lost(), _Lost())  # its AW died: position 6 is lost
+  step(store, 0, 7, None, *kv(rng, 1, 1))  # cannot follow a lost step
+  drain(store)
+  assert store.committed(1) == 6
+  got_k, got_v = store.restore_point(1)
+  np.testing.assert_array_equal(got_k, np.concatenate([k[:, 0], k1[:, 0], k5[:, 0]], 1))
+  np.testing.assert_array_equal(got_v, np.concatenate([v[:, 0], v1[:, 0], v5[:, 0]], 1))
+  assert [seq for seq, _ in store.log[0]] == [0, 1, 5] and 1 not in store.log
+
+
 def test_gap_is_not_logged_until_a_base_arrives(store):
   rng = np.random.default_rng(2)
   k, v = kv(rng, 1, 4)

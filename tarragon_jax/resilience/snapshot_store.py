@@ -64,6 +64,17 @@ class _Mirror:
     self.cells = self.kv.reshape(two * L, B * S, K * H)
 
 
+@dataclasses.dataclass
+class _Run:
+  """An AW's last applied step when each of its rows went in place into its mirror: what a
+  continuation (`log_step` with rows None: the same rows, one position on) writes and commits."""
+  seq: int
+  rids: list
+  kvs: list  # their _RequestKV, in row order
+  slots: np.ndarray  # i32[R] their mirror rows
+  cells: np.ndarray  # i64[R] where each row's next position goes in `_Mirror.cells`
+
+
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # stores whose thread runs
 
 
@@ -97,6 +108,7 @@ class SnapshotStore(FaultDomain):
     self._mirrors: dict[int, _Mirror] = {}  # aw -> its cache rows in host memory
     # aw -> its latest commit records (step seq, {request: committed positions})
     self.log: dict[int, collections.deque] = {}
+    self._runs: dict[int, _Run] = {}  # aw -> its last step, if a continuation can follow it
     self._lock = threading.Lock()  # the host tier (held while a batch is applied)
     self._count_lock = threading.Lock()  # the queue counters (never held for long: the AW's
     # enqueue must not wait behind the store's work)
@@ -109,9 +121,12 @@ class SnapshotStore(FaultDomain):
 
   # -- AW side: enqueue only ----------------------------------------------------------------
 
-  def log_step(self, aw: int, seq: int, rows: list[tuple[int, int, int, int]], kv):
+  def log_step(self, aw: int, seq: int, rows: list[tuple[int, int, int, int]] | None, kv):
     """Step `seq` of AW `aw`: kv [2, L, B, T, K, H] (a device array); rows are (request id,
-    slot, start position, new tokens)."""
+    slot, start position, new tokens), or None for a continuation: the rows of the AW's step
+    `seq - 1`, each one token on (a decode step of an unchanged batch, the common case; the
+    store applies a run of them with one write). A continuation the store cannot place (its
+    step `seq - 1` was lost or not wholly in place) commits nothing, as a gap."""
     self._put(("step", aw, seq, rows, kv))
 
   def base(self, aw: int, rows: list[tuple[int, int, int]], k, v):
@@ -182,7 +197,7 @@ class SnapshotStore(FaultDomain):
   def kill(self):
     super().kill()
     with self._lock:
-      self._kv, self._mirrors, self.log = {}, {}, {}
+      self._kv, self._mirrors, self.log, self._runs = {}, {}, {}, {}
     self._queue.put(None)  # wake the thread so that it exits
 
   # -- the store's thread -------------------------------------------------------------------
@@ -205,13 +220,7 @@ class SnapshotStore(FaultDomain):
       if self.health is not Health.ALIVE:
         continue
       with self._lock:  # once per batch: restores wait at most one batch
-        for item in batch:
-          if item is None:
-            continue
-          try:
-            self._apply(item)
-          except Exception:  # noqa: BLE001 - KV of a killed AW is lost; it never commits
-            pass
+        self._apply_batch(batch)
       with self._count_lock:
         self.processed += len(batch)
         self._oldest_pending = None if self.processed >= self.enqueued else time.perf_counter()
@@ -219,6 +228,63 @@ class SnapshotStore(FaultDomain):
       if time.perf_counter() - last_flush >= self.flush_interval_s:
         self._flush()
         last_flush = time.perf_counter()
+
+  def _apply_batch(self, batch: list):
+    """Applies queued items in order (the caller holds `_lock`); each AW's continuations are
+    gathered and applied together, before the next item of another kind."""
+    runs: dict[int, list] = {}  # aw -> its continuations, in order
+    for item in batch:
+      if item is None:
+        continue
+      if item[0] == "step" and item[3] is None:
+        runs.setdefault(item[1], []).append(item)
+        continue
+      for aw, steps in runs.items():
+        self._continue(aw, steps)
+      runs.clear()
+      try:
+        self._apply(item)
+      except Exception:  # noqa: BLE001 - KV of a killed AW is lost; it never commits
+        if item[0] == "step":
+          self._runs.pop(item[1], None)  # no continuation can follow it
+    for aw, steps in runs.items():
+      self._continue(aw, steps)
+
+  def _continue(self, aw: int, steps: list):
+    """Continuations of AW `aw` (consecutive steps, each row one position on): one host
+    write and one commit per row for all of them. A step that does not follow the AW's last
+    applied one, or whose KV is lost, ends the run: it and the rest commit nothing."""
+    run = self._runs.get(aw)
+    arrays = []
+    for _, _, seq, _, kv in steps:
+      if run is None or seq != run.seq + len(arrays) + 1:
+        break
+      try:
+        arrays.append(np.asarray(kv))  # waits for the AW's device here, off its path
+      except Exception:  # noqa: BLE001 - KV of a killed AW is lost
+        break
+    if len(arrays) < len(steps):
+      self._runs.pop(aw, None)
+    if not arrays:
+      return
+    k, mirror = len(arrays), self._mirrors[aw]
+    data = np.stack(arrays)  # [k, 2, L, B, 1, K, H]
+    _, two, L, B, T, K, H = data.shape
+    if T != 1:  # not a decode step: the store cannot place it
+      self._runs.pop(aw, None)
+      return
+    rows = data.reshape(k, two * L, B, K * H)[:, :, run.slots]  # [k, 2L, R, K*H]
+    cells = run.cells[None, :] + np.arange(k)[:, None]  # [k, R]
+    mirror.cells[:, cells.ravel()] = rows.transpose(1, 0, 2, 3).reshape(two * L, -1, K * H)
+    log = self.log[aw]
+    base = [kv.committed for kv in run.kvs]
+    for j, step in enumerate(steps[:k]):
+      log.append((step[2], {rid: c + j + 1 for rid, c in zip(run.rids, base)}))
+    for kv in run.kvs:
+      kv.committed += k
+    run.seq += k
+    run.cells = run.cells + k
+    self.bytes_in += k * len(run.kvs) * two * L * K * H * data.itemsize
 
   def _apply(self, item):
     """Applies one queued item to the host tier (the caller holds `_lock`)."""
@@ -232,6 +298,7 @@ class SnapshotStore(FaultDomain):
         mirror = self._mirror(aw, L, B, K, H, step_kv.dtype)
       S = mirror.kv.shape[3]
       record, slots, cells, positions = {}, [], [], 0
+      in_place = []  # (rid, kv, slot, next cell) of each row now in this AW's mirror
       for rid, slot, start, n in rows:
         kv = kvs.get(rid)
         if n == 1 and kv is not None and kv.slot == slot and kv.aw == aw \
@@ -247,16 +314,24 @@ class SnapshotStore(FaultDomain):
           mirror.kv[:, :, slot, start:start + n] = step_kv[:, :, slot, :n]
         kv.committed = record[rid] = start + n  # all L layers are in: the commit record
         positions += n
+        in_place.append((rid, kv, slot, slot * S + start + n))
       if slots:  # every decode row of the step in one write
-        rows = step_kv[:, :, :, 0].reshape(2 * L, B, K * H)
-        mirror.cells[:, cells] = rows if slots == list(range(B)) else rows[:, slots]
+        new = step_kv[:, :, :, 0].reshape(2 * L, B, K * H)
+        mirror.cells[:, cells] = new if slots == list(range(B)) else new[:, slots]
       self.bytes_in += positions * 2 * L * K * H * step_kv.itemsize
       log = self.log.get(aw)
       if log is None:
         log = self.log[aw] = collections.deque(maxlen=1024)
       log.append((seq, record))
+      if in_place and len(in_place) == len(rows):
+        rids, kvs, slots, nxt = zip(*in_place)
+        self._runs[aw] = _Run(seq, list(rids), list(kvs), np.array(slots, np.int64),
+                              np.array(nxt, np.int64))
+      else:
+        self._runs.pop(aw, None)
     elif kind == "base":
       _, aw, rows, k, v = item
+      self._runs.pop(aw, None)
       k, v = np.asarray(k), np.asarray(v)
       mirror = self._mirror(aw, k.shape[0], k.shape[1], *k.shape[3:], k.dtype)
       for rid, slot, n in rows:
@@ -267,6 +342,8 @@ class SnapshotStore(FaultDomain):
         self.bytes_in += 2 * k[:, slot, :n].nbytes
     elif kind == "forget":
       self._kv.pop(item[1], None)
+      for aw in [aw for aw, run in self._runs.items() if item[1] in run.rids]:
+        del self._runs[aw]
       self.archive.release(item[1])
 
   def _mirror(self, aw: int, L: int, B: int, K: int, H: int, dtype) -> _Mirror:

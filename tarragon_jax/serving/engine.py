@@ -83,6 +83,7 @@ class Engine(LayerExchange):
     self.seq_lens: set[int] = {1}  # step lengths T seen so far (replacements compile them)
     self.hot_cells: set[tuple] = set()  # (kind, devices) compiled for by `warm_up`
     self._next_id = 0
+    self._logged: dict[int, tuple] = {}  # aw -> (store, seq, rows) of its last step logged
     self.build(params, self.devices)
     self.store = None
     self.recovery = (Tarragon if rc.recovery == "tarragon" else GlobalRestart)(self)
@@ -338,8 +339,7 @@ class Engine(LayerExchange):
         continue
       sampled[a], kv = out
       if kv is not None:
-        self._to_store("log_step", a, seq, [(s.id, s.slot, s.cached, len(s.feed))
-                                            for s in batches[a][3]], kv)
+        self._log_step(a, seq, T, batches[a][3], kv)
     self.detector.wait({self.aws[a].name: (self.aws[a], getattr(sampled[a], "is_ready",
                                                                  lambda: True))
                         for a in live})
@@ -347,6 +347,17 @@ class Engine(LayerExchange):
     for a in live:
       self._emit(batches[a][3], np.asarray(sampled[a]))
     return True
+
+  def _log_step(self, a: int, seq: int, T: int, rows: list[RequestState], kv):
+    """Sends AW `a`'s step to the store: its rows, or None where they are the rows of the AW's
+    previous step to this store, each one token on (a decode step of an unchanged batch)."""
+    last, self._logged[a] = self._logged.get(a), (self.store, seq, rows)
+    if T == 1 and last is not None and last[0] is self.store and last[1] == seq - 1 \
+        and last[2] == rows:
+      self._to_store("log_step", a, seq, None, kv)
+    else:
+      self._to_store("log_step", a, seq, [(s.id, s.slot, s.cached, len(s.feed)) for s in rows],
+                     kv)
 
   def _to_store(self, method: str, *args):
     store = self.store
