@@ -286,6 +286,20 @@ def test_reroute_by_hand_same_tokens_no_compiles():
     engine.set_routing_table(original)
 
 
+def test_an_ew_given_host_buffers_runs_its_warmed_up_executables():
+  """A worker process hands its EW host (numpy) buffers: after warm-up neither the primaries'
+  nor the all-slots executable compiles again (the latter would in a failover's replay)."""
+  engine = _engine("mixtral")
+  _warm(engine)
+  ew, S = engine.ews[0], engine.placement.slots_per_layer
+  capacity = engine.engine_cfg.slots_per_aw * engine.cfg.top_k
+  host = [datapath.empty_buffer(engine.cfg, capacity)] * len(engine.aws)
+  before = compile_count()
+  for slots in (engine.ew_slots[0], S):
+    jax.block_until_ready(ew.run_layer(1, host, slots))
+  assert compile_count() == before
+
+
 @pytest.mark.parametrize("ew", [0, 3])
 def test_route_away_from_an_ew_same_tokens_no_compiles(ew):
   engine = _engine("mixtral")

@@ -226,7 +226,11 @@ class ExpertWorker(FaultDomain):
     """
     if not self._serving():
       return None
-    return datapath.ew_experts(self.weights, self.cfg, layer, tuple(inbox), num_ew=self.num_ew,
+    # A worker process gets host arrays: put them on the cell as the warm-up's buffers are, or
+    # each executable would compile again on first use (for the all-slots one: in a failover).
+    replicated = self.cell.replicated()
+    inbox = tuple(b if isinstance(b, jax.Array) else jax.device_put(b, replicated) for b in inbox)
+    return datapath.ew_experts(self.weights, self.cfg, layer, inbox, num_ew=self.num_ew,
                                slots=slots)
 
   def sync(self) -> bool:
