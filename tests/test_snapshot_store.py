@@ -102,41 +102,60 @@ def test_restore_point_is_exactly_the_kv_written_per_slot(store):
   assert store.restore_point(3) is None
 
 
+class _Steps:
+  """Logs steps as an AW does (random KV) and keeps what the store must then hold: each
+  request's KV and each AW's commit records."""
+
+  def __init__(self, store, seed: int, drain_each: bool = False):
+    self.store, self.rng, self.drain_each = store, np.random.default_rng(seed), drain_each
+    self.want, self.log, self.last = {}, {0: [], 1: []}, {}
+
+  def __call__(self, aw, seq, rows, B, T, cont=False):
+    """Step `seq` of AW `aw` over `rows`, or with `cont` a continuation of its last rows."""
+    k, v = kv(self.rng, B, T)
+    if cont:  # the AW's previous rows, each one token on
+      rows = [(rid, slot, start + n, 1) for rid, slot, start, n in self.last[aw]]
+    step(self.store, aw, seq, None if cont else rows, k, v)
+    self.last[aw] = rows
+    for rid, slot, start, n in rows:
+      old = self.want.get(rid, [np.zeros((L, 0, K, H), np.float32)] * 2)
+      self.want[rid] = [np.concatenate([old[0][:, :start], k[:, slot, :n]], 1),
+                        np.concatenate([old[1][:, :start], v[:, slot, :n]], 1)]
+    self.log[aw].append((seq, {rid: start + n for rid, _, start, n in rows}))
+    if self.drain_each:
+      drain(self.store)
+
+  def forget(self, rid):
+    self.store.forget(rid)
+    self.want.pop(rid)
+
+  def check(self, forgotten):
+    drain(self.store)
+    assert self.store.restore_point(forgotten) is None
+    for rid, (k, v) in self.want.items():
+      assert self.store.committed(rid) == k.shape[1], rid
+      got_k, got_v = self.store.restore_point(rid)
+      np.testing.assert_array_equal(got_k, k)
+      np.testing.assert_array_equal(got_v, v)
+    assert {aw: list(self.store.log[aw]) for aw in (0, 1)} == self.log
+
+
 def test_one_batch_of_interleaved_steps_commits_exactly_what_each_step_wrote(store):
   """One batch of the store's thread: decode steps of two AWs interleaved with a forget and a
   joining request (in the forgotten request's slot) keep their order."""
   store.batch_s = 1.0  # everything below is applied as one batch (`drain` hurries it)
-  rng = np.random.default_rng(11)
-  want, log = {}, {0: [], 1: []}
-
-  def logged(aw, seq, rows, B, T):
-    k, v = kv(rng, B, T)
-    step(store, aw, seq, rows, k, v)
-    for rid, slot, start, n in rows:
-      old = want.get(rid, [np.zeros((L, 0, K, H), np.float32)] * 2)
-      want[rid] = [np.concatenate([old[0][:, :start], k[:, slot, :n]], 1),
-                   np.concatenate([old[1][:, :start], v[:, slot, :n]], 1)]
-    log[aw].append((seq, {rid: start + n for rid, _, start, n in rows}))
-
+  logged = _Steps(store, 11)
   logged(0, 0, [(1, 2, 0, 4), (2, 0, 0, 2)], 3, 4)  # prefill on AW 0
   logged(1, 1, [(3, 1, 0, 3)], 2, 4)  # and on AW 1
   for seq in range(2, 5):  # decode, rows not in slot order, AW 1 interleaved
     logged(0, seq, [(2, 0, seq, 1), (1, 2, seq + 2, 1)], 3, 1)
     logged(1, 10 + seq, [(3, 1, seq + 1, 1)], 2, 1)
-  store.forget(2)
-  want.pop(2)
+  logged.forget(2)
   logged(0, 5, [(1, 2, 7, 1)], 3, 1)
   logged(0, 6, [(1, 2, 8, 1), (4, 0, 0, 3)], 3, 3)  # request 4 joins in request 2's old slot
   for seq in range(7, 10):
     logged(0, seq, [(1, 2, seq + 2, 1), (4, 0, seq - 4, 1)], 3, 1)
-  drain(store)
-  assert store.restore_point(2) is None
-  for rid, (k, v) in want.items():
-    assert store.committed(rid) == k.shape[1], rid
-    got_k, got_v = store.restore_point(rid)
-    np.testing.assert_array_equal(got_k, k)
-    np.testing.assert_array_equal(got_v, v)
-  assert {aw: list(store.log[aw]) for aw in (0, 1)} == log
+  logged.check(forgotten=2)
 
 
 @pytest.mark.parametrize("one_batch", [True, False])
@@ -145,23 +164,7 @@ def test_continuations_commit_exactly_what_each_step_wrote(store, one_batch):
   AWs interleaved, a forget and a joining request between them: the same commits, KV and log
   as with every step's rows spelled out, in one batch or step by step."""
   store.batch_s = 1.0 if one_batch else store.batch_s
-  rng = np.random.default_rng(12)
-  want, log, last = {}, {0: [], 1: []}, {}
-
-  def logged(aw, seq, rows, B, T, cont=False):
-    k, v = kv(rng, B, T)
-    if cont:  # the AW's previous rows, each one token on
-      rows = [(rid, slot, start + n, 1) for rid, slot, start, n in last[aw]]
-    step(store, aw, seq, None if cont else rows, k, v)
-    last[aw] = rows
-    for rid, slot, start, n in rows:
-      old = want.get(rid, [np.zeros((L, 0, K, H), np.float32)] * 2)
-      want[rid] = [np.concatenate([old[0][:, :start], k[:, slot, :n]], 1),
-                   np.concatenate([old[1][:, :start], v[:, slot, :n]], 1)]
-    log[aw].append((seq, {rid: start + n for rid, _, start, n in rows}))
-    if not one_batch:
-      drain(store)
-
+  logged = _Steps(store, 12, drain_each=not one_batch)
   logged(0, 0, [(1, 2, 0, 4), (2, 0, 0, 2)], 3, 4)  # prefill on AW 0
   logged(1, 1, [(3, 1, 0, 3)], 2, 4)  # and on AW 1
   logged(0, 2, [(2, 0, 2, 1), (1, 2, 4, 1)], 3, 1)  # rows not in slot order
@@ -169,21 +172,13 @@ def test_continuations_commit_exactly_what_each_step_wrote(store, one_batch):
   for seq in range(3, 6):
     logged(0, seq, None, 3, 1, cont=True)
     logged(1, seq, None, 2, 1, cont=True)
-  store.forget(2)
-  want.pop(2)
+  logged.forget(2)
   logged(0, 6, [(1, 2, 8, 1)], 3, 1)
   logged(0, 7, [(1, 2, 9, 1), (4, 0, 0, 3)], 3, 3)  # request 4 joins in request 2's old slot
   logged(0, 8, [(1, 2, 10, 1), (4, 0, 3, 1)], 3, 1)
   for seq in range(9, 12):
     logged(0, seq, None, 3, 1, cont=True)
-  drain(store)
-  assert store.restore_point(2) is None
-  for rid, (k, v) in want.items():
-    assert store.committed(rid) == k.shape[1], rid
-    got_k, got_v = store.restore_point(rid)
-    np.testing.assert_array_equal(got_k, k)
-    np.testing.assert_array_equal(got_v, v)
-  assert {aw: list(store.log[aw]) for aw in (0, 1)} == log
+  logged.check(forgotten=2)
 
 
 def test_a_continuation_without_its_previous_step_commits_nothing(store):
