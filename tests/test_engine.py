@@ -18,6 +18,7 @@ import pytest
 import tarragon_jax as tj
 from tarragon_jax.layers.params import ExpertParams
 from tarragon_jax.mesh.cells import CellPlan
+from tarragon_jax.mesh.transfer import Transfers
 from tarragon_jax.resilience.placement import place
 from tarragon_jax.resilience.routing_table import RoutingTable
 from tarragon_jax.serving import datapath
@@ -25,6 +26,7 @@ from tarragon_jax.serving.engine import Engine, EngineConfig
 from tarragon_jax.serving.metrics import compile_count
 from tarragon_jax.serving.reference import reference_greedy
 from tarragon_jax.serving.requests import Request
+from tarragon_jax.serving.workers import ExpertWorker, ew_weights
 
 TINY = dict(
   vocab_size=128,
@@ -286,18 +288,25 @@ def test_reroute_by_hand_same_tokens_no_compiles():
     engine.set_routing_table(original)
 
 
-def test_an_ew_given_host_buffers_runs_its_warmed_up_executables():
-  """A worker process hands its EW host (numpy) buffers: after warm-up neither the primaries'
-  nor the all-slots executable compiles again (the latter would in a failover's replay)."""
+@pytest.mark.parametrize("host_inputs", [True, False])
+def test_an_ew_warms_up_for_the_kind_of_buffers_it_is_given(host_inputs):
+  """A worker process hands its EW host (numpy) buffers: an EW built for that
+  (`host_inputs=True`, as `runtime/host.py` builds it) compiles neither the primaries' nor the
+  all-slots executable again after warm-up (the latter would compile in a failover's replay);
+  one warmed up on device buffers does (the mechanism the flag exists for)."""
+  cfg, params = _model("mixtral")
   engine = _engine("mixtral")
-  _warm(engine)
-  ew, S = engine.ews[0], engine.placement.slots_per_layer
-  capacity = engine.engine_cfg.slots_per_aw * engine.cfg.top_k
-  host = [datapath.empty_buffer(engine.cfg, capacity)] * len(engine.aws)
+  placement, S = engine.placement, engine.placement.slots_per_layer
+  ew = ExpertWorker(0, engine.ews[0].cell, cfg, ew_weights(params, placement, 0),
+                    placement.num_ew, Transfers(), host_inputs=host_inputs)
+  capacity = 41 if host_inputs else 43  # shapes no other call compiled: jit's cache is global
+  counts = (engine.ew_slots[0], S)
+  ew.warm_up([capacity], len(engine.aws), counts)
+  host = [datapath.empty_buffer(cfg, capacity)] * len(engine.aws)
   before = compile_count()
-  for slots in (engine.ew_slots[0], S):
+  for slots in counts:
     jax.block_until_ready(ew.run_layer(1, host, slots))
-  assert compile_count() == before
+  assert (compile_count() == before) == host_inputs
 
 
 @pytest.mark.parametrize("ew", [0, 3])

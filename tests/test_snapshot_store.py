@@ -196,12 +196,16 @@ def test_a_continuation_without_its_previous_step_commits_nothing(store):
   step(store, 0, 5, [(1, 0, 5, 1)], k5, v5)  # rows again: position 5
   step(store, 0, 6, None, _Lost(), _Lost())  # its AW died: position 6 is lost
   step(store, 0, 7, None, *kv(rng, 1, 1))  # cannot follow a lost step
+  k8, v8 = kv(rng, 1, 1)
+  step(store, 0, 8, [(1, 0, 6, 1)], k8, v8)  # rows again: position 6
+  step(store, 0, 9, None, *kv(rng, 1, 2))  # two tokens a row: not a decode step
+  step(store, 0, 10, None, *kv(rng, 1, 1))  # cannot follow it
   drain(store)
-  assert store.committed(1) == 6
+  assert store.committed(1) == 7
   got_k, got_v = store.restore_point(1)
-  np.testing.assert_array_equal(got_k, np.concatenate([k[:, 0], k1[:, 0], k5[:, 0]], 1))
-  np.testing.assert_array_equal(got_v, np.concatenate([v[:, 0], v1[:, 0], v5[:, 0]], 1))
-  assert [seq for seq, _ in store.log[0]] == [0, 1, 5] and 1 not in store.log
+  np.testing.assert_array_equal(got_k, np.concatenate([k[:, 0], k1[:, 0], k5[:, 0], k8[:, 0]], 1))
+  np.testing.assert_array_equal(got_v, np.concatenate([v[:, 0], v1[:, 0], v5[:, 0], v8[:, 0]], 1))
+  assert [seq for seq, _ in store.log[0]] == [0, 1, 5, 8] and 1 not in store.log
 
 
 def test_gap_is_not_logged_until_a_base_arrives(store):

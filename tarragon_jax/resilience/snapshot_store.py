@@ -232,48 +232,52 @@ class SnapshotStore(FaultDomain):
 
   def _apply_batch(self, batch: list):
     """Applies queued items in order (the caller holds `_lock`); each AW's continuations are
-    gathered and applied together, before the next item of another kind."""
+    gathered and applied together, before the next item of another kind. An item that fails
+    (KV of a killed AW is lost) commits nothing, and no continuation follows it."""
     runs: dict[int, list] = {}  # aw -> its continuations, in order
-    for item in batch:
+    for item in batch + [("end",)]:  # the sentinel applies the last runs too
       if item is None:
         continue
       if item[0] == "step" and item[3] is None:
         runs.setdefault(item[1], []).append(item)
         continue
       for aw, steps in runs.items():
-        self._continue(aw, steps)
+        try:
+          self._continue(aw, steps)
+        except Exception:  # noqa: BLE001
+          self._runs.pop(aw, None)
       runs.clear()
       try:
-        self._apply(item)
-      except Exception:  # noqa: BLE001 - KV of a killed AW is lost; it never commits
+        if item[0] != "end":
+          self._apply(item)
+      except Exception:  # noqa: BLE001
         if item[0] == "step":
-          self._runs.pop(item[1], None)  # no continuation can follow it
-    for aw, steps in runs.items():
-      self._continue(aw, steps)
+          self._runs.pop(item[1], None)
 
   def _continue(self, aw: int, steps: list):
     """Continuations of AW `aw` (consecutive steps, each row one position on): one host
     write and one commit per row for all of them. A step that does not follow the AW's last
-    applied one, or whose KV is lost, ends the run: it and the rest commit nothing."""
+    applied one, is not a decode step, or whose KV is lost, ends the run: it and the rest commit
+    nothing."""
     run = self._runs.get(aw)
     arrays = []
     for _, _, seq, _, kv in steps:
       if run is None or seq != run.seq + len(arrays) + 1:
         break
       try:
-        arrays.append(np.asarray(kv))  # waits for the AW's device here, off its path
+        step_kv = np.asarray(kv)  # waits for the AW's device here, off its path
       except Exception:  # noqa: BLE001 - KV of a killed AW is lost
         break
+      if step_kv.shape[3] != 1:
+        break
+      arrays.append(step_kv)
     if len(arrays) < len(steps):
       self._runs.pop(aw, None)
     if not arrays:
       return
     k, mirror = len(arrays), self._mirrors[aw]
     data = np.stack(arrays)  # [k, 2, L, B, 1, K, H]
-    _, two, L, B, T, K, H = data.shape
-    if T != 1:  # not a decode step: the store cannot place it
-      self._runs.pop(aw, None)
-      return
+    _, two, L, B, _, K, H = data.shape
     rows = data.reshape(k, two * L, B, K * H)[:, :, run.slots]  # [k, 2L, R, K*H]
     cells = run.cells[None, :] + np.arange(k)[:, None]  # [k, R]
     mirror.cells[:, cells.ravel()] = rows.transpose(1, 0, 2, 3).reshape(two * L, -1, K * H)

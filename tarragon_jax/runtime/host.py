@@ -57,11 +57,12 @@ def build(spec: dict):
   _, params = load_checkpoint(spec["weights_dir"], shardings=cell.replicated())
   if spec["kind"] == "aw":
     return AttentionWorker(spec["index"], cell, cfg, params, spec["slots"], Transfers(),
-                           spec["snapshots"])
+                           spec["snapshots"], host_inputs=True)
   placement = Placement(spec["num_ew"], spec["slots_per_layer"],
                         np.asarray(spec["contents"]), np.asarray(spec["replicas"]))
   host = ew_weights(params, placement, spec["index"])
-  return ExpertWorker(spec["index"], cell, cfg, host, spec["num_ew"], Transfers())
+  return ExpertWorker(spec["index"], cell, cfg, host, spec["num_ew"], Transfers(),
+                      host_inputs=True)
 
 
 def serve(endpoint: Endpoint):

@@ -36,10 +36,13 @@ class AttentionWorker(FaultDomain):
   """Holds attention weights, the router and a KV cache of `num_slots` request slots."""
 
   def __init__(self, index: int, cell: Cell, cfg: ModelConfig, params: ModelParams,
-               num_slots: int, transfers: Transfers, snapshots: bool = True):
-    """`snapshots`: each step also returns its new KV for the snapshot store."""
+               num_slots: int, transfers: Transfers, snapshots: bool = True,
+               host_inputs: bool = False):
+    """`snapshots`: each step also returns its new KV for the snapshot store. `host_inputs`:
+    the EWs' results arrive as host arrays (a worker process), so `warm_up` compiles for those
+    (a jitted call compiles again for inputs of another kind)."""
     self.index, self.cell, self.cfg, self.num_slots = index, cell, cfg, num_slots
-    self.snapshots = snapshots
+    self.snapshots, self.host_inputs = snapshots, host_inputs
     self.name = f"aw{index}"
     self.transfers = transfers
     aw_params = datapath.attention_params(params)
@@ -168,7 +171,8 @@ class AttentionWorker(FaultDomain):
     for T in seq_lens:
       self.begin(np.zeros((B, T), np.int32), np.zeros((B,), np.int32), np.ones((B,), bool))
       bufs, _ = self.attend(0, active, num_ew, slots_per_layer)
-      self.combine(0, [self.zeros(b.shape[0]) for b in bufs])
+      zeros = [np.zeros((b.shape[0], self.cfg.hidden_size), self.cfg.dtype) for b in bufs]
+      self.combine(0, zeros if self.host_inputs else [self.zeros(z.shape[0]) for z in zeros])
       zeros = np.zeros((B,), np.int32)
       self.sample(np.zeros((B, 2), np.uint32), zeros, zeros.astype(np.float32),
                   np.ones((B,), np.float32))
@@ -199,9 +203,13 @@ class ExpertWorker(FaultDomain):
   """Holds the expert slots of its placement and runs them for all AWs, one layer at a time."""
 
   def __init__(self, index: int, cell: Cell, cfg: ModelConfig, host: ExpertParams, num_ew: int,
-               transfers: Transfers):
-    """`host`: the experts this EW holds, host arrays [L, S, ...] (see `ew_weights`)."""
+               transfers: Transfers, host_inputs: bool = False):
+    """`host`: the experts this EW holds, host arrays [L, S, ...] (see `ew_weights`).
+    `host_inputs`: the AWs' buffers arrive as host arrays (a worker process), so `warm_up`
+    compiles for those: otherwise the all-slots executable, first used in a failover's replay,
+    would compile there."""
     self.index, self.cell, self.cfg, self.transfers = index, cell, cfg, transfers
+    self.host_inputs = host_inputs
     self.name = f"ew{index}"
     self.num_ew = num_ew
     axes = ExpertParams(("layers", "slots", "embed", "expert_hidden"),
@@ -226,11 +234,7 @@ class ExpertWorker(FaultDomain):
     """
     if not self._serving():
       return None
-    # A worker process gets host arrays: put them on the cell as the warm-up's buffers are, or
-    # each executable would compile again on first use (for the all-slots one: in a failover).
-    replicated = self.cell.replicated()
-    inbox = tuple(b if isinstance(b, jax.Array) else jax.device_put(b, replicated) for b in inbox)
-    return datapath.ew_experts(self.weights, self.cfg, layer, inbox, num_ew=self.num_ew,
+    return datapath.ew_experts(self.weights, self.cfg, layer, tuple(inbox), num_ew=self.num_ew,
                                slots=slots)
 
   def sync(self) -> bool:
@@ -242,5 +246,6 @@ class ExpertWorker(FaultDomain):
     """Compiles the expert call for each buffer capacity and count of computed slots, on empty
     buffers."""
     for c in capacities:
+      empty = datapath.empty_buffer(self.cfg, c) if self.host_inputs else self.empty_buffer(c)
       for slots in slot_counts:
-        jax.block_until_ready(self.run_layer(0, [self.empty_buffer(c)] * num_aw, slots))
+        jax.block_until_ready(self.run_layer(0, [empty] * num_aw, slots))
