@@ -233,6 +233,28 @@ def _ew_inputs(cfg, S: int, shadow_rows: list[int]):
   return w, bufs, want
 
 
+@pytest.mark.parametrize("T", [1, 3, 16])  # 4 rows: 4 and 12 positions loop, 64 gather
+def test_a_steps_snapshot_kv_is_the_cache_at_each_rows_new_positions(T):
+  """What `aw_finish` hands the snapshot store: for row b, cache positions lengths[slot b] + t of
+  every layer (clamped to the cache's last position), rows in the step's slot order."""
+  cfg = CONFIGS["mixtral"]
+  S, num_slots = cfg.max_seq_len, 5
+  rng = np.random.default_rng(3)
+  shape = (cfg.num_layers, num_slots, S, cfg.num_kv_heads, cfg.head_dim)
+  k, v = rng.normal(size=shape).astype(np.float32), rng.normal(size=shape).astype(np.float32)
+  lengths = np.array([0, 7, S - 2, 30, S - 1], np.int32)  # slots 2, 4: positions past the end
+  cache = tj.KVCache(jax.numpy.asarray(k), jax.numpy.asarray(v), jax.numpy.asarray(lengths))
+  slots = np.array([4, 1, 2, 0], np.int32)
+  B = len(slots)
+  _, _, got = datapath.aw_finish(
+      _model("mixtral")[1], cfg, jax.numpy.zeros((B, T, cfg.hidden_size)), cache, slots,
+      np.ones(B, np.int32), np.zeros((B, 2), np.uint32), np.zeros(B, np.int32),
+      np.zeros(B, np.float32), np.ones(B, np.float32), snapshot=True)
+  positions = np.minimum(lengths[slots][:, None] + np.arange(T), S - 1)
+  want = np.stack([k[:, slots[:, None], positions], v[:, slots[:, None], positions]])
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def test_importing_the_library_starts_no_jax_backend():
   """A user imports the library first and sets the CPU device count after: every module must
   leave JAX's backends unstarted at import (a module-level jax array would start them)."""
@@ -439,17 +461,19 @@ def test_idle_while_any_request_is_open():
 
 
 def test_settle_without_durable_leaves_every_served_position_in_the_host_tier():
-  """Decode steps of an unchanged batch go to the store as continuations (no rows), and
-  commit all the same."""
+  """Decode steps of an unchanged batch go to the store as continuations (no rows), with host
+  copies of their KV, and commit all the same."""
   engine = _engine("mixtral")
   rid = engine.submit(Request(PROMPTS[3], 8))
   sent, log_step = [], engine.store.log_step
-  engine.store.log_step = lambda aw, seq, rows, kv: (sent.append(rows), log_step(aw, seq, rows, kv))
+  engine.store.log_step = lambda aw, seq, rows, kv: (sent.append((rows, kv)),
+                                                     log_step(aw, seq, rows, kv))
   for _ in range(4):  # the prefill and three decode steps; the store applies them in batches
     engine.step()
   engine.settle(durable=False)
   assert engine.store.committed(rid) == engine.requests[rid].cached == len(PROMPTS[3]) + 3
-  assert [rows is None for rows in sent] == [False, True, True, True]
+  assert [rows is None for rows, _ in sent] == [False, True, True, True]
+  assert all(type(kv) is np.ndarray for _, kv in sent)  # the store holds no device buffer
   engine.run()
   assert engine.tokens(rid) == _reference("mixtral")[3][:8]
   engine.release()

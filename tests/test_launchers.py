@@ -74,3 +74,16 @@ def test_bench_model_matches_hf_greedy_and_reports_ratios(tmp_path):
   assert summary["greedy_rows_equal"] == 2 and summary["greedy_tokens_equal"] == 2 * 9
   assert summary["ratio_decode_tok_s"] > 0 and summary["ratio_prefill_tok_s"] > 0
   assert "decode tok/s" in out
+
+
+def test_bench_snapshot_kv_times_each_variant_and_checks_the_library_against_a_gather(tmp_path):
+  out = _run("experiments.bench_snapshot_kv", "--config=configs/bench_snapshot_kv.py",
+             f"--workdir={tmp_path}", "--config.reps=2", "--config.calls=3",
+             "--config.seq_lens=(1, 4)")  # 8 and 32 positions: the loop
+  rows = launch_config.read_jsonl(tmp_path / "results.jsonl")
+  assert sorted({(r["variant"], r["seq_len"]) for r in rows}) == [
+      (v, T) for v in ("gather", "library", "off") for T in (1, 4)]
+  assert len(rows) == 2 * 3 * 2 and all(r["us_per_call"] > 0 for r in rows)
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["T=1"]["same_kv"] and summary["T=4"]["same_kv"], out
+  assert "library / gather time" in out

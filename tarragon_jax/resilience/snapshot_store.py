@@ -1,9 +1,10 @@
 """The snapshot store: asynchronous, incremental KV-cache snapshots with per-request restore.
 
 After every step each attention worker hands the store that step's new KV, every layer of it,
-as one device array (`log_step`); the call only enqueues, nothing waits on the decode path. The
-store's own thread copies it to host memory in batches, into a mirror of that AW's cache rows
-(one host copy and one vectorised write for all decode rows of a step), and appends the step's
+as one array (`log_step`; the engine sends a host copy made when the step's tokens are fetched,
+a device array is copied by the store); the call only enqueues, nothing waits on the decode
+path. The store's own thread applies the queued steps in batches, into a host mirror of that
+AW's cache rows (one vectorised write for all decode rows of a step), and appends the step's
 commit record to a per-AW log: a step's tokens are committed once all of their layers are in
 host memory, and only a row that continues its request's committed prefix is taken. A request
 restored onto another AW brings its prefix to its new row; a dead AW's row is copied out before
@@ -17,7 +18,7 @@ heads, H head dim; a leading 2 stacks k and v.
 The store's thread holds the GIL while it works, and on a small host every microsecond of it is
 taken from the serving loop, so its per-step path is short: a decode step of an unchanged batch
 comes without rows (a continuation of the AW's previous step), and a batch's run of them costs
-one host copy per step and one numpy write per AW.
+one numpy write per AW.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class SnapshotStore(FaultDomain):
   # -- AW side: enqueue only ----------------------------------------------------------------
 
   def log_step(self, aw: int, seq: int, rows: list[tuple[int, int, int, int]] | None, kv):
-    """Step `seq` of AW `aw`: kv [2, L, B, T, K, H] (a device array); rows are (request id,
+    """Step `seq` of AW `aw`: kv [2, L, B, T, K, H] (host or device); rows are (request id,
     slot, start position, new tokens), or None for a continuation: the rows of the AW's step
     `seq - 1`, each one token on (a decode step of an unchanged batch, the common case; the
     store applies a run of them with one write). A continuation the store cannot place (its
@@ -265,7 +266,7 @@ class SnapshotStore(FaultDomain):
       if run is None or seq != run.seq + len(arrays) + 1:
         break
       try:
-        step_kv = np.asarray(kv)  # waits for the AW's device here, off its path
+        step_kv = np.asarray(kv)  # a device array: waits for the AW here, off its path
       except Exception:  # noqa: BLE001 - KV of a killed AW is lost
         break
       if step_kv.shape[3] != 1:
@@ -296,7 +297,7 @@ class SnapshotStore(FaultDomain):
     kind = item[0]
     if kind == "step":
       _, aw, seq, rows, step_kv = item
-      step_kv = np.asarray(step_kv)  # waits for the AW's device here, off its path
+      step_kv = np.asarray(step_kv)  # a device array: waits for the AW here, off its path
       _, L, B, _, K, H = step_kv.shape
       mirror, kvs = self._mirrors.get(aw), self._kv
       if mirror is None or B > len(mirror.owner):

@@ -40,6 +40,7 @@ from tarragon_jax.layers.transformer import attention_half, embed, logits
 
 SLOT_DIGITS = 2  # base-256 digits of (slot id + 1) at the end of a packed buffer row
 MAX_SLOTS = 256 ** SLOT_DIGITS - 1  # slot ids a packed buffer can carry: 0 .. MAX_SLOTS - 1
+LOOP_POSITIONS = 32  # a step's KV for the snapshot store: a loop up to this many, else a gather
 
 
 # Most significant digit first. A numpy constant: a jax array here would start JAX's backends
@@ -186,11 +187,25 @@ def aw_finish(p: ModelParams, cfg: ModelConfig, x, cache: KVCache, slots, n_new,
   """
   last = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]
   tokens = sample(logits(p, cfg, last), key_data, step, temperature, top_p)
-  segment = None
-  if snapshot:
-    T = x.shape[1]
-    positions = jnp.minimum(cache.lengths[slots][:, None] + jnp.arange(T)[None, :],
-                            cache.max_len - 1)
-    segment = jnp.stack([cache.k[:, slots[:, None], positions],
-                         cache.v[:, slots[:, None], positions]])
+  segment = _new_kv(cache, slots, x.shape[1]) if snapshot else None
   return tokens, cache.advance(slots, n_new), segment
+
+
+def _new_kv(cache: KVCache, slots, T: int):
+  """kv [2, L, B, T, K, H]: positions lengths[slots[b]] + t of each row (clamped to the cache).
+
+  Up to LOOP_POSITIONS positions (decode steps of the usual batches) one at a time in a loop,
+  more with one gather: XLA's CPU cost model prices a gather by its whole operand (the cache)
+  and splits it over two threads, which on 2 cores costs a decode step of 8 rows ~10-27 us more
+  than the loop; with 128 positions (8 rows x 16) the loop's iterations cost more than that
+  (`experiments/bench_snapshot_kv.py`).
+  """
+  L, num_slots, S, K, H = cache.k.shape
+  positions = jnp.minimum(cache.lengths[slots][:, None] + jnp.arange(T)[None, :], S - 1)
+  if slots.shape[0] * T > LOOP_POSITIONS:
+    return jnp.stack([cache.k[:, slots[:, None], positions],
+                      cache.v[:, slots[:, None], positions]])
+  cells = (slots[:, None] * S + positions).reshape(-1)  # [B*T] into [L, num_slots*S, K*H]
+  k, v = (c.reshape(L, num_slots * S, K * H) for c in (cache.k, cache.v))
+  kv = jax.lax.map(lambda i: jnp.stack([k[:, i], v[:, i]]), cells)  # [B*T, 2, L, K*H]
+  return jnp.moveaxis(kv, 0, 2).reshape(2, L, -1, T, K, H)
