@@ -196,8 +196,8 @@ def _new_kv(cache: KVCache, slots, T: int):
 
   Up to LOOP_POSITIONS positions (decode steps of the usual batches) one at a time in a loop,
   more with one gather: XLA's CPU cost model prices a gather by its whole operand (the cache)
-  and splits it over two threads, which on 2 cores costs a decode step of 8 rows ~10-27 us more
-  than the loop; with 128 positions (8 rows x 16) the loop's iterations cost more than that
+  and splits it over two threads, which on 2 cores costs a decode step of 8 rows ~8-27 us more
+  than the loop; with 128 positions (8 rows x 16) the loop's iterations cost as much or more
   (`experiments/bench_snapshot_kv.py`).
   """
   L, num_slots, S, K, H = cache.k.shape
