@@ -29,8 +29,6 @@ from ml_collections import config_flags  # noqa: E402
 
 import tarragon_jax as tj  # noqa: E402
 from tarragon_jax import launch_config  # noqa: E402
-from tarragon_jax.layers.sampling import sample  # noqa: E402
-from tarragon_jax.layers.transformer import logits  # noqa: E402
 from tarragon_jax.serving import datapath  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_snapshot_kv.py", "Config.")
@@ -39,15 +37,13 @@ VARIANTS = ("off", "library", "gather")
 
 
 @functools.partial(jax.jit, static_argnames="cfg", donate_argnames="cache")
-def finish_with_gather(p, cfg, x, cache, slots, n_new, key_data, step, temperature, top_p):
-  """`datapath.aw_finish(..., snapshot=True)` with the step's KV taken by one gather."""
-  last = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]
-  tokens = sample(logits(p, cfg, last), key_data, step, temperature, top_p)
-  positions = jnp.minimum(cache.lengths[slots][:, None] + jnp.arange(x.shape[1])[None, :],
-                          cache.max_len - 1)
-  segment = jnp.stack([cache.k[:, slots[:, None], positions],
-                       cache.v[:, slots[:, None], positions]])
-  return tokens, cache.advance(slots, n_new), segment
+def finish_with_gather(p, cfg, x, cache, slots, n_new, *sampling):
+  """`datapath.aw_finish(..., snapshot=True)` with the step's KV taken by one gather, as one
+  compiled call."""
+  segment = datapath.gathered_kv(cache, slots, x.shape[1])  # before the lengths advance
+  tokens, cache, _ = datapath.aw_finish(p, cfg, x, cache, slots, n_new, *sampling,
+                                        snapshot=False)
+  return tokens, cache, segment
 
 
 def _finish(variant: str, params, cfg, cache, inputs):

@@ -195,17 +195,26 @@ def _new_kv(cache: KVCache, slots, T: int):
   """kv [2, L, B, T, K, H]: positions lengths[slots[b]] + t of each row (clamped to the cache).
 
   Up to LOOP_POSITIONS positions (decode steps of the usual batches) one at a time in a loop,
-  more with one gather: XLA's CPU cost model prices a gather by its whole operand (the cache)
-  and splits it over two threads, which on 2 cores costs a decode step of 8 rows ~8-27 us more
-  than the loop; with 128 positions (8 rows x 16) the loop's iterations cost as much or more
-  (`experiments/bench_snapshot_kv.py`).
+  more with one gather (`gathered_kv`): XLA's CPU cost model prices a gather by its whole
+  operand (the cache) and splits it over two threads, which on 2 cores costs a decode step of 8
+  rows ~8-27 us more than the loop; with 128 positions (8 rows x 16) the loop's iterations cost
+  as much or more (`experiments/bench_snapshot_kv.py`).
   """
-  L, num_slots, S, K, H = cache.k.shape
-  positions = jnp.minimum(cache.lengths[slots][:, None] + jnp.arange(T)[None, :], S - 1)
   if slots.shape[0] * T > LOOP_POSITIONS:
-    return jnp.stack([cache.k[:, slots[:, None], positions],
-                      cache.v[:, slots[:, None], positions]])
-  cells = (slots[:, None] * S + positions).reshape(-1)  # [B*T] into [L, num_slots*S, K*H]
+    return gathered_kv(cache, slots, T)
+  L, num_slots, S, K, H = cache.k.shape
+  cells = (slots[:, None] * S + _new_positions(cache, slots, T)).reshape(-1)  # [B*T]
   k, v = (c.reshape(L, num_slots * S, K * H) for c in (cache.k, cache.v))
   kv = jax.lax.map(lambda i: jnp.stack([k[:, i], v[:, i]]), cells)  # [B*T, 2, L, K*H]
   return jnp.moveaxis(kv, 0, 2).reshape(2, L, -1, T, K, H)
+
+
+def gathered_kv(cache: KVCache, slots, T: int):
+  """`_new_kv` as one gather (what it does for more than LOOP_POSITIONS positions)."""
+  positions = _new_positions(cache, slots, T)
+  return jnp.stack([cache.k[:, slots[:, None], positions], cache.v[:, slots[:, None], positions]])
+
+
+def _new_positions(cache: KVCache, slots, T: int):
+  """i32[B, T]: each row's next T positions, clamped to the cache's last."""
+  return jnp.minimum(cache.lengths[slots][:, None] + jnp.arange(T)[None, :], cache.max_len - 1)
