@@ -75,7 +75,7 @@ def main(argv):
     inputs = [jax.device_put(a, device) for a in (x, np.arange(B, dtype=np.int32),
                                                   np.ones(B, np.int32))]
     inputs += [np.zeros((B, 2), np.uint32), np.zeros(B, np.int32), np.zeros(B, np.float32),
-               np.ones(B, np.float32)]
+               np.ones(B, np.float32), np.zeros(B, bool)]
     first = cache()
     kv = {v: np.asarray(_finish(v, params, cfg, jax.tree.map(jnp.copy, first), inputs)[2])
           for v in VARIANTS[1:]}  # also compiles each variant

@@ -1,40 +1,85 @@
 """Orbax checkpoints of model parameters and their config.
 
 A checkpoint directory is an orbax `CheckpointManager` directory: each step holds the params
-(`StandardSave`) and the ModelConfig as JSON, so `load_checkpoint` needs nothing but the path.
+(`StandardSave`), the ModelConfig as JSON and a metadata JSON with the weights' fingerprint, so
+`load_checkpoint` needs nothing but the path. The fingerprint (`weights_fingerprint`: a digest of
+the config and of every parameter's bytes) lets a loader check that a checkpoint holds the
+weights it expects: another model's weights of the same shapes load without any error and serve
+wrong tokens, so a worker rebuilt from a checkpoint compares fingerprints first.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.params import ModelParams, abstract_params
 
 
+def weights_fingerprint(params: ModelParams, config: ModelConfig) -> str:
+  """A digest of the config and of every weight (its path, shape, dtype and bytes)."""
+  digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    a = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}:{a.shape}:{a.dtype}".encode())
+    digest.update(a.view(np.uint8).reshape(-1) if a.size else b"")
+  return "sha256:" + digest.hexdigest()
+
+
 def save_checkpoint(directory: str, params: ModelParams, config: ModelConfig, step: int = 0,
                     metadata: dict | None = None) -> str:
-  """Saves params and config as `step` under `directory`; blocks until they are on disk.
+  """Saves params, config and their fingerprint as `step` under `directory`; blocks until they
+  are on disk.
 
   Returns:
     The path of the saved step.
   """
   directory = os.path.abspath(directory)
+  metadata = dict(metadata or {}, fingerprint=weights_fingerprint(params, config))
   with ocp.CheckpointManager(directory) as mgr:
     mgr.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         config=ocp.args.JsonSave(config.to_dict()),
-        metadata=ocp.args.JsonSave(metadata or {}),
+        metadata=ocp.args.JsonSave(metadata),
     ))
     mgr.wait_until_finished()
   return os.path.join(directory, str(step))
 
 
-def load_checkpoint(directory: str, step: int | None = None, shardings=None
-                    ) -> tuple[ModelConfig, ModelParams]:
+def _step(mgr: ocp.CheckpointManager, directory: str, step: int | None) -> int:
+  step = mgr.latest_step() if step is None else step
+  if step is None or step not in mgr.all_steps():
+    raise FileNotFoundError(f"{directory}: no checkpoint step {step}; steps: {mgr.all_steps()}")
+  return step
+
+
+def checkpoint_fingerprint(directory: str, step: int | None = None) -> str | None:
+  """The fingerprint stored with a checkpoint (None: saved without one)."""
+  directory = os.path.abspath(directory)
+  with ocp.CheckpointManager(directory) as mgr:
+    step = _step(mgr, directory, step)
+    meta = mgr.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+  return dict(meta["metadata"] or {}).get("fingerprint")
+
+
+def check_fingerprint(directory: str, expect: str, step: int | None = None):
+  """Raises ValueError unless the checkpoint's stored fingerprint is `expect`."""
+  found = checkpoint_fingerprint(directory, step)
+  if found != expect:
+    raise ValueError(
+        f"{directory}: the checkpoint holds other weights than expected (fingerprint "
+        f"{found or 'none: saved without one'}, expected {expect}); give a checkpoint saved "
+        f"from these params with `save_checkpoint` (or no weights_dir, and the engine saves one)")
+
+
+def load_checkpoint(directory: str, step: int | None = None, shardings=None,
+                    expect: str | None = None) -> tuple[ModelConfig, ModelParams]:
   """Restores (config, params) from a directory written by `save_checkpoint`.
 
   Args:
@@ -42,12 +87,16 @@ def load_checkpoint(directory: str, step: int | None = None, shardings=None
     step: which step; the latest when None.
     shardings: None (default device), one `jax.sharding.Sharding` for every weight, or a
       ModelParams-shaped tree of shardings; params are restored directly onto them.
+    expect: the fingerprint (`weights_fingerprint`) the weights must have; checked before
+      anything is restored.
+  Raises:
+    ValueError: `expect` is given and the checkpoint holds other weights.
   """
   directory = os.path.abspath(directory)
+  if expect is not None:
+    check_fingerprint(directory, expect, step)
   with ocp.CheckpointManager(directory) as mgr:
-    step = mgr.latest_step() if step is None else step
-    if step is None or step not in mgr.all_steps():
-      raise FileNotFoundError(f"{directory}: no checkpoint step {step}; steps: {mgr.all_steps()}")
+    step = _step(mgr, directory, step)
     meta = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     config = ModelConfig.from_dict(dict(meta["config"]))
     if isinstance(shardings, jax.sharding.Sharding):

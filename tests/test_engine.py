@@ -249,7 +249,7 @@ def test_a_steps_snapshot_kv_is_the_cache_at_each_rows_new_positions(T):
   _, _, got = datapath.aw_finish(
       _model("mixtral")[1], cfg, jax.numpy.zeros((B, T, cfg.hidden_size)), cache, slots,
       np.ones(B, np.int32), np.zeros((B, 2), np.uint32), np.zeros(B, np.int32),
-      np.zeros(B, np.float32), np.ones(B, np.float32), snapshot=True)
+      np.zeros(B, np.float32), np.ones(B, np.float32), np.zeros(B, bool), snapshot=True)
   positions = np.minimum(lengths[slots][:, None] + np.arange(T), S - 1)
   want = np.stack([k[:, slots[:, None], positions], v[:, slots[:, None], positions]])
   np.testing.assert_array_equal(np.asarray(got), want)

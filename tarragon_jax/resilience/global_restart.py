@@ -75,7 +75,12 @@ class GlobalRestart(Recovery):
     start = clock[0]
     tl.add("restart_begin", step=e.iteration)
     in_flight = [s for s in e.requests.values()
-                 if not s.done and (s.aw >= 0 or s.tokens or s.restore)]
+                 if not s.finished and (s.aw >= 0 or s.tokens or s.restore)]
+    devices = [d for d in e.devices if d not in e.lost_devices]
+    try:
+      plan = fit_plan(e.plan, len(devices), self._failed)
+    except RuntimeError as err:  # nothing can serve: every request fails, and later ones too
+      plan, cause = None, str(err)
     for w in e.aws + e.ews:  # 1. stop every worker, drop every array and cache
       if w is not None:
         self.fence(w)
@@ -85,15 +90,20 @@ class GlobalRestart(Recovery):
     phase("teardown_s")
     jax.clear_caches()  # 2. every compiled executable
     phase("clear_caches_s")
-    devices = [d for d in e.devices if d not in e.lost_devices]
+    if plan is None:
+      e.aws, e.ews, e.slot_owner, e.active_tables = [], [], [], []
+      for s in [s for s in e.requests.values() if not s.finished]:
+        e.fail_request(s, f"the global restart cannot rebuild the cluster: {cause}")
+      tl.add("global_restart_failed", error=cause)
+      return
     params = None
     if not e.runtime.remote:  # (new worker processes load their weights themselves)
       _, params = load_checkpoint(  # 3. weights from the orbax checkpoint
-          e.weights_dir, shardings=jax.sharding.SingleDeviceSharding(devices[0]))
+          e.weights_dir, shardings=jax.sharding.SingleDeviceSharding(devices[0]),
+          expect=e.weights_fingerprint)
       jax.block_until_ready(params)
       phase("weight_load_s")
-    plan = fit_plan(e.plan, len(devices), self._failed)  # 4. cells from surviving devices
-    e.build(params, devices, plan)  # (processes: start, JAX init, orbax load, build)
+    e.build(params, devices, plan)  # 4. cells (processes: start, JAX init, orbax load, build)
     del params
     for w in e.aws + e.ews:
       wait(w.sync())

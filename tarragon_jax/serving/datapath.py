@@ -37,9 +37,9 @@ from tarragon_jax.layers.router import route
 from tarragon_jax.layers.sampling import sample
 from tarragon_jax.layers.transformer import attention_half, embed, logits
 
-
 SLOT_DIGITS = 2  # base-256 digits of (slot id + 1) at the end of a packed buffer row
 MAX_SLOTS = 256 ** SLOT_DIGITS - 1  # slot ids a packed buffer can carry: 0 .. MAX_SLOTS - 1
+BAD_TOKEN = -1  # sampled for a row whose result could not be computed (see `aw_finish`)
 LOOP_POSITIONS = 32  # a step's KV for the snapshot store: a loop up to this many, else a gather
 
 
@@ -89,7 +89,8 @@ def aw_attend_and_pack(p: ModelParams, cfg: ModelConfig, x, cache: KVCache, laye
     x after attention [B, T, D]; the cache; per-EW packed buffers (W arrays [C, D + 2], see
     the module docstring); tokens sent to each EW i32[W]; `dest` i32[M*X] where each
     assignment sits in the concatenated buffers; routing weights f32[M, X]; normalized MoE
-    input h [M, D].
+    input h [M, D]; `lost` bool[B]: a real token of the row was routed to an expert with no
+    live replica (the table holds -1 for it), so the row's result cannot be computed.
   """
   if slots_per_layer > MAX_SLOTS:
     raise ValueError(f"slots_per_layer={slots_per_layer}: a packed buffer carries slot ids "
@@ -101,7 +102,9 @@ def aw_attend_and_pack(p: ModelParams, cfg: ModelConfig, x, cache: KVCache, laye
   h = rms_norm(x, lp.mlp_norm, cfg.rms_eps).reshape(M, D)
   ids, weights = route(lp.moe.router, cfg, h)
   phys = active[layer][ids].reshape(M * X)
-  real = jnp.repeat((jnp.arange(T)[None, :] < n_new[:, None]).reshape(M), X) & (phys >= 0)
+  token = jnp.repeat((jnp.arange(T)[None, :] < n_new[:, None]).reshape(M), X)
+  real = token & (phys >= 0)
+  lost = jnp.any((token & (phys < 0)).reshape(B, T * X), axis=1)
   ew = jnp.where(real, phys // slots_per_layer, num_ew)  # padding goes to no EW
   onehot = ew[:, None] == jnp.arange(num_ew)[None, :]
   rank = jnp.take_along_axis(jnp.cumsum(onehot, 0) - 1, jnp.minimum(ew, num_ew - 1)[:, None], 1)
@@ -111,23 +114,32 @@ def aw_attend_and_pack(p: ModelParams, cfg: ModelConfig, x, cache: KVCache, laye
   local = jnp.full((num_ew * C,), -1, jnp.int32).at[dest].set(phys % slots_per_layer, mode="drop")
   bufs = tuple(pack(buf, local).reshape(num_ew, C, -1))
   counts = jnp.sum(onehot, axis=0, dtype=jnp.int32)  # padding went to no EW
-  return x, cache, bufs, counts, dest, weights, h
+  return x, cache, bufs, counts, dest, weights, h, lost
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
-def aw_combine(p: ModelParams, cfg: ModelConfig, x, h, layer, results, dest, weights):
+def aw_combine(p: ModelParams, cfg: ModelConfig, x, h, layer, results, dest, weights, bad, lost):
   """Weighted combine of the EWs' results, plus the shared expert and the residual.
+
+  A row is marked bad, never patched up, when one of its tokens' expert outputs is not finite
+  (an EW's stand-in for a missing result is NaN; see `ew_experts` for tokens routed past the
+  computed slots) or `lost` says one had no expert to go to. Its residual is zeroed instead of
+  carrying NaN on: NaN in the KV cache would outlive the request (a later one in the same slot
+  reads masked positions with weight 0, and 0 * NaN is NaN).
 
   Args:
     results: W arrays [C, D], EW w's outputs for this AW's buffer.
-    dest, weights, h: from `aw_attend_and_pack`.
+    dest, weights, h, lost: from `aw_attend_and_pack`.
+    bad: bool[B] rows already marked bad in this step.
   Returns:
-    [B, T, D] residual stream after this layer.
+    ([B, T, D] residual stream after this layer, bool[B] bad rows).
   """
   lp = jax.tree.map(lambda w: w[layer], p.layers)
   out = jnp.concatenate(results, axis=0).at[dest].get(mode="fill", fill_value=0)
   y = combine(out, weights) + shared_expert(lp.moe.shared, h)
-  return x + y.reshape(x.shape)
+  finite = jnp.isfinite(y).all(axis=-1).reshape(x.shape[:2]).all(axis=1)  # [B]
+  bad = bad | lost | ~finite
+  return jnp.where(bad[:, None, None], 0, x + y.reshape(x.shape)), bad
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_ew", "slots"))
@@ -177,16 +189,21 @@ def aw_cache_copy(cache: KVCache):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "snapshot"), donate_argnames="cache")
 def aw_finish(p: ModelParams, cfg: ModelConfig, x, cache: KVCache, slots, n_new, key_data, step,
-              temperature, top_p, *, snapshot: bool):
+              temperature, top_p, bad, *, snapshot: bool):
   """Ends a step: samples one token per row from its last real token, advances slot lengths.
 
+  Args:
+    bad: bool[B] rows marked bad by `aw_combine` in this step.
   Returns:
-    (i32[B] sampled tokens, the cache, and with `snapshot` the step's new KV, k and v stacked
-    [2, L, B, T, K, H], every layer, for the snapshot store (row b's positions after n_new[b]
-    are junk; one array: one host copy per step), else None).
+    (i32[B] sampled tokens, BAD_TOKEN for a bad row or one whose logits are not finite (greedy
+    argmax would pick token 0 from all-NaN logits), the cache, and with `snapshot` the step's
+    new KV, k and v stacked [2, L, B, T, K, H], every layer, for the snapshot store (row b's
+    positions after n_new[b] are junk; one array: one host copy per step), else None).
   """
   last = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]
-  tokens = sample(logits(p, cfg, last), key_data, step, temperature, top_p)
+  z = logits(p, cfg, last)
+  tokens = sample(z, key_data, step, temperature, top_p)
+  tokens = jnp.where(bad | ~jnp.isfinite(z).all(axis=-1), BAD_TOKEN, tokens)
   segment = _new_kv(cache, slots, x.shape[1]) if snapshot else None
   return tokens, cache.advance(slots, n_new), segment
 

@@ -24,37 +24,39 @@ from collections.abc import Callable, Iterable
 import jax
 import numpy as np
 
-from tarragon_jax.checkpoint import save_checkpoint
+from tarragon_jax.checkpoint import check_fingerprint, save_checkpoint, weights_fingerprint
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.params import ExpertParams, ModelParams, abstract_params
-from tarragon_jax.layers.sampling import SamplingParams
 from tarragon_jax.mesh.cells import Cell
 from tarragon_jax.resilience.detector import Detector, WorkerTimeout
 from tarragon_jax.resilience.fault_domain import Health, WorkerDead
-from tarragon_jax.resilience.faults import Fault, FaultInjector
+from tarragon_jax.resilience.faults import Fault, FaultInjector, check_schedule
 from tarragon_jax.resilience.global_restart import GlobalRestart
-from tarragon_jax.resilience.orchestrator import Tarragon
 from tarragon_jax.resilience.placement import place
 from tarragon_jax.resilience.routing_table import RoutingTable
+from tarragon_jax.resilience.tarragon import Tarragon
 from tarragon_jax.resilience.timeline import Timeline
 from tarragon_jax.runtime.local import LocalRuntime, wait
 from tarragon_jax.serving.buckets import all_buckets, bucket
 from tarragon_jax.serving.engine_config import EngineConfig, ResilienceConfig
 from tarragon_jax.serving.exchange import LayerExchange
+from tarragon_jax.serving.frontend import Frontend, RequestsFailed
 from tarragon_jax.serving.metrics import TokenEvent, latency_summary
-from tarragon_jax.serving.requests import Phase, Request, RequestState
-from tarragon_jax.serving.streams import TokenStream
+from tarragon_jax.serving.requests import Phase, RequestState
+from tarragon_jax.serving.streams import RequestFailed
 from tarragon_jax.serving.workers import AttentionWorker, ExpertWorker, ew_weights
 
-__all__ = ["Engine", "EngineConfig", "ResilienceConfig", "WorkerTimeout"]
+__all__ = ["Engine", "EngineConfig", "RequestFailed", "RequestsFailed", "ResilienceConfig",
+           "WorkerTimeout"]
 
 
-class Engine(LayerExchange):
+class Engine(LayerExchange, Frontend):
   """Serves requests on AW and EW cells carved from the visible devices.
 
   Use `submit` then `step` (or `run`), or `generate` for a batch. `on_token` callbacks receive
-  every TokenEvent as it is delivered (each index of each request once). `faults` is a schedule
-  of `Fault`s injected at layer boundaries.
+  every TokenEvent as it is delivered (each index of each request once). A request the engine
+  cannot finish correctly ends with an error on its stream (`error(rid)`). `faults` is a
+  schedule of `Fault`s injected at layer boundaries.
   """
 
   def __init__(self, cfg: ModelConfig, params: ModelParams,
@@ -69,20 +71,19 @@ class Engine(LayerExchange):
     self.devices = list(self.runtime.devices() if devices is None else devices)
     self.lost_devices: list = []
     self.transfers = self.runtime.transfers()
+    # Replacements and restarts load weights from `weights_dir`: its fingerprint must be that of
+    # the weights served here, or a rebuilt worker would serve another model without an error.
+    self.weights_fingerprint = weights_fingerprint(params, cfg)
+    if rc.weights_dir:
+      check_fingerprint(rc.weights_dir, self.weights_fingerprint)
     self._scratch = tempfile.mkdtemp(prefix="tarragon_")
     self.weights_dir = rc.weights_dir or os.path.dirname(
         save_checkpoint(os.path.join(self._scratch, "weights"), params, cfg))
     self.store_dir = rc.store_dir or os.path.join(self._scratch, "snapshots")
-    self.requests: dict[int, RequestState] = {}  # submitted, finished ones until `release`
-    self._open = 0  # requests submitted and not done (`idle` is read every iteration)
-    self.streams: dict[int, TokenStream] = {}
-    self.waiting: list[int] = []
-    self.events: list[TokenEvent] = []
-    self.on_token = on_token
+    self._init_frontend(on_token)
     self.iteration = 0
     self.seq_lens: set[int] = {1}  # step lengths T seen so far (replacements compile them)
     self.hot_cells: set[tuple] = set()  # (kind, devices) compiled for by `warm_up`
-    self._next_id = 0
     self._logged: dict[int, tuple] = {}  # aw -> (store, seq, rows) of its last step logged
     self.build(params, self.devices)
     self.store = None
@@ -92,7 +93,16 @@ class Engine(LayerExchange):
     self.arm_faults(faults)
 
   def arm_faults(self, faults: Iterable[Fault]):
-    """Replaces the fault schedule; its steps and times count from now (e.g. after warm-up)."""
+    """Replaces the fault schedule; its steps and times count from now (e.g. after warm-up).
+
+    Raises:
+      ValueError: a fault names a worker, layer or device this engine does not have (the old
+        schedule stays armed).
+    """
+    faults = tuple(faults)
+    check_schedule(faults, num_aw=self.plan.num_aw, num_ew=self.plan.num_ew,
+                   num_layers=self.cfg.num_layers, aw_cell_size=self.plan.devices_per_aw,
+                   ew_cell_size=self.plan.devices_per_ew)
     self.injector = FaultInjector(faults)
     self.t0 = time.perf_counter()
     self._fault_step0 = self.iteration
@@ -125,12 +135,18 @@ class Engine(LayerExchange):
     """Installs a new routing table on every AW; compiles nothing (the table is array data).
 
     Raises:
-      ValueError: the table leaves an expert unreachable, does not fit the placement, or points
-        an expert at a slot that holds another expert. The old table stays installed.
+      ValueError: the table leaves an expert unreachable, does not fit the placement, points
+        an expert at a slot that holds another expert or at an EW declared failed. The old
+        table stays installed.
     """
     unreachable = table.unreachable()
     if unreachable:
       raise ValueError(f"routing table leaves experts unreachable: {unreachable[:8]}")
+    self.install_table(table)
+
+  def install_table(self, table: RoutingTable):
+    """`set_routing_table` for the recovery, which may leave experts with no live replica
+    unreachable (-1: a token routed there fails its request, see `datapath.aw_combine`)."""
     p = self.placement
     if table.slots_per_layer != p.slots_per_layer or table.replicas.shape[:2] != (
         p.num_layers, p.num_experts):
@@ -142,9 +158,15 @@ class Engine(LayerExchange):
     for (l, e), slot in np.ndenumerate(table.active):
       ew, local = divmod(int(slot), S)
       held = p.contents[l, ew, local] if ew < p.num_ew else -1
+      if slot < 0:
+        continue
       if held != e:
         raise ValueError(f"routing table sends layer {l} expert {e} to slot {slot} (EW {ew}), "
                          f"which holds expert {held}")
+      if ew in self.failed_ews:
+        raise ValueError(f"routing table sends layer {l} expert {e} to slot {slot} on EW {ew}, "
+                         f"which was declared failed (failed EWs: {sorted(self.failed_ews)}); "
+                         "route it to a replica on a live EW")
     self.table = table
     self.ew_slots = table.computed_slots(self.base_table, p.num_ew)
     self.active_tables = [aw.put(table.active) if owners is not None else None
@@ -152,59 +174,10 @@ class Engine(LayerExchange):
 
   # -- requests --------------------------------------------------------------------------------
 
-  def submit(self, request: Request, arrival: float | None = None) -> int:
-    """Queues a request and returns its id. Raises ValueError (and queues nothing) if invalid."""
-    request.validate(self.cfg)
-    rid = self._next_id
-    self._next_id += 1
-    state = RequestState(rid, request, time.perf_counter() if arrival is None else arrival)
-    state.key_data = request.sampling.key_data()
-    self.requests[rid] = state
-    self._open += 1
-    self.streams[rid] = TokenStream(rid)
-    self.waiting.append(rid)
-    return rid
-
-  def tokens(self, rid: int) -> list[int]:
-    """The tokens delivered to the client for request `rid`, in index order."""
-    return list(self.streams[rid].tokens)
-
-  def release(self, rids: Iterable[int] | None = None):
-    """Forgets finished requests (`rids`, or every finished one): their state, token stream and
-    token events. The engine keeps every request it served until then (a run's metrics read
-    them), so a long-lived engine releases what its clients have collected.
-
-    Raises:
-      ValueError: a request unknown or not finished (then nothing is released).
-    """
-    if rids is None:
-      rids = [rid for rid, state in self.requests.items() if state.done]
-    rids = set(rids)
-    for rid in rids:
-      state = self.requests.get(rid)
-      if state is None or not state.done:
-        raise ValueError(f"Engine.release: request {rid} is "
-                         f"{'unknown' if state is None else state.phase.name.lower()}; only "
-                         "finished requests can be released")
-    for rid in rids:
-      del self.requests[rid], self.streams[rid]
-    self.events = [e for e in self.events if e.request_id not in rids]
-
-  @property
-  def idle(self) -> bool:
-    return self._open == 0
-
-  def generate(self, prompts: Iterable[Iterable[int]], max_new_tokens: int,
-               sampling: SamplingParams = SamplingParams()) -> list[list[int]]:
-    """Generates for a batch of prompts and returns each one's output tokens."""
-    ids = [self.submit(Request(tuple(int(t) for t in p), max_new_tokens, sampling))
-           for p in prompts]
-    self.run()
-    return [self.tokens(i) for i in ids]
-
   def run(self, max_iterations: int = 1_000_000):
-    """Steps until every submitted request is done."""
+    """Steps until every submitted request is finished (completed or failed)."""
     for _ in range(max_iterations):
+      self._deliver()
       if self.idle:
         return
       if not self.step():
@@ -221,16 +194,27 @@ class Engine(LayerExchange):
 
     Raises:
       TimeoutError: the store is still busy after `timeout_s`.
+      WorkerDead: the store failed (it is handed to the recovery, which starts a new one; the
+        work it had not applied is lost).
     """
     store = self.store
     if store is None:
       return
     deadline = time.perf_counter() + timeout_s
-    mark = store.mark()
-    while not store.caught_up(mark) or (durable and store.flushing):
-      if time.perf_counter() > deadline:
-        raise TimeoutError(f"Engine.settle: the snapshot store is still busy after {timeout_s} s")
-      time.sleep(1e-3)
+    try:
+      mark = store.mark()
+      while not store.caught_up(mark) or (durable and store.flushing):
+        if store.health is Health.DEAD or store.disconnected():
+          raise WorkerDead(f"{store.name} is dead")
+        if time.perf_counter() > deadline:
+          raise TimeoutError(f"Engine.settle: the snapshot store is still busy after "
+                             f"{timeout_s} s")
+        time.sleep(1e-3)
+    except WorkerDead as err:
+      self.detector.closed(store, time.perf_counter())
+      self.recovery.store_failed()
+      raise WorkerDead(f"Engine.settle: the snapshot store failed before it caught up "
+                       f"({err}); a new store was started") from err
 
   # -- scheduling ------------------------------------------------------------------------------
 
@@ -297,13 +281,22 @@ class Engine(LayerExchange):
       self.recovery.inject(fault)
 
   def step(self) -> bool:
-    """Runs one iteration across all workers; False if there was no work."""
+    """Runs one iteration across all workers; False if there was no work.
+
+    Raises:
+      RuntimeError: the engine is closed.
+      Whatever an `on_token` callback raises (the step itself is complete).
+    """
+    self._check_open("step")
+    self._deliver()
     try:
-      return self._step()
+      ran = self._step()
     except self.recovery.Restart:  # the baseline: everything was torn down and rebuilt
       self.iteration += 1
       self.recovery.restart()
-      return True
+      ran = True
+    self._deliver()
+    return ran
 
   def _step(self) -> bool:
     self.recovery.step_boundary()
@@ -311,6 +304,10 @@ class Engine(LayerExchange):
     batches, T = self._batches()
     live = [a for a, b in enumerate(batches) if b is not None]
     self.recovery.placed(busy=bool(live))
+    if self.waiting and all(o is None for o in self.slot_owner) and not self.recovery.aw_coming:
+      for rid in list(self.waiting):
+        self.fail_request(self.requests[rid], "no attention worker is alive and no replacement "
+                          "is being built (no spare devices left)")
     if not live:
       self._fire_faults(0)
       self.recovery.probe_idle()
@@ -342,10 +339,11 @@ class Engine(LayerExchange):
                                                                  lambda: True))
                         for a in live})
     self.iteration += 1
+    tokens = {a: np.asarray(sampled[a]) for a in live}
     for a in live:
       if kvs[a] is not None:  # before `_emit`, which may tell the store a request finished
         self._log_step(a, seq, T, batches[a][3], kvs[a])
-      self._emit(batches[a][3], np.asarray(sampled[a]))
+      self._emit(batches[a][3], tokens[a])
     return True
 
   def _log_step(self, a: int, seq: int, T: int, rows: list[RequestState], kv):
@@ -394,25 +392,6 @@ class Engine(LayerExchange):
       temperature[s.slot] = s.request.sampling.temperature
       top_p[s.slot] = s.request.sampling.top_p
     return key_data, step, temperature, top_p
-
-  def _emit(self, rows: list[RequestState], sampled: np.ndarray):
-    now = time.perf_counter()
-    for s in rows:
-      token = int(sampled[s.slot])
-      index = len(s.tokens)
-      s.cached += len(s.feed)
-      s.tokens.append(token)
-      s.phase = Phase.DECODE
-      if self.streams[s.id].offer(index, token, now):
-        event = TokenEvent(s.id, index, token, now)
-        self.events.append(event)
-        if self.on_token is not None:
-          self.on_token(event)
-      if s.finished_by(token):
-        s.phase = Phase.DONE
-        self._open -= 1
-        self.slot_owner[s.aw][s.slot] = -1
-        self._to_store("forget", s.id)
 
   def warm_up(self, seq_lens=None):
     """Compiles every executable serving and recovery use, on every worker and spare device.
@@ -470,13 +449,18 @@ class Engine(LayerExchange):
                if w.name.startswith("aw")
                else w.warm_up([B * T * X for T in seq_lens], len(self.aws), ew_slots)
                for w in workers]
-    for out in pending:
-      wait(out)
+    bound = self.engine_cfg.resilience.warm_up_timeout_s
+    for w, out in zip(workers, pending):
+      wait(out, bound, f"{w.name} warm_up")
 
   def close(self):
-    """Waits for background recovery work, stops the snapshot store and worker processes, and
-    removes the engine's scratch directory (its weights copy and snapshots unless
-    `weights_dir` / `store_dir` were given)."""
+    """Waits (up to `ResilienceConfig.close_timeout_s`) for background recovery work, stops
+    the snapshot store and worker processes, and removes the engine's scratch directory (its
+    weights copy and snapshots unless `weights_dir` / `store_dir` were given). Closing twice
+    does nothing; a closed engine serves nothing."""
+    if self.closed:
+      return
+    self.closed = True
     self.recovery.close()
     self.runtime.close()
     shutil.rmtree(self._scratch, ignore_errors=True)
@@ -490,8 +474,9 @@ class Engine(LayerExchange):
   # -- metrics ---------------------------------------------------------------------------------
 
   def summary(self) -> dict:
-    done = [s for s in self.requests.values() if s.done]
-    out = dict(requests=len(self.requests), completed=len(done))
+    out = dict(requests=len(self.requests),
+               completed=sum(s.done for s in self.requests.values()),
+               failed=sum(s.phase is Phase.FAILED for s in self.requests.values()))
     out.update(latency_summary({r: s.arrival for r, s in self.requests.items()}, self.events))
     out.update(self.recovery.summary())
     return out

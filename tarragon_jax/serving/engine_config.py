@@ -24,6 +24,13 @@ class ResilienceConfig:
   durable_chunk: int = CHUNK  # positions per durable chunk file (the tier lags < one chunk)
   store_dir: str | None = None  # durable snapshot tier; a temporary directory if None
   weights_dir: str | None = None  # orbax checkpoint for replacements/restarts; saved if None
+  # Bounds on the waits outside the exchange (the exchange's are the detector's). Each also
+  # ends at once when the peer's process is gone. Defaults are ~10x what a tiny model takes on
+  # a loaded 2-core host, so that only a stuck worker reaches them.
+  start_timeout_s: float = 60.0  # a worker process: exec to READY (Python + JAX import)
+  build_timeout_s: float = 300.0  # a replacement: start, weights, compile, until it can join
+  warm_up_timeout_s: float = 600.0  # `Engine.warm_up`: every shape on every worker
+  close_timeout_s: float = 30.0  # `Engine.close`: background builds and the store stop
 
   def __post_init__(self):
     if self.recovery not in RECOVERY_MODES:
@@ -31,6 +38,9 @@ class ResilienceConfig:
                        f"{RECOVERY_MODES}")
     if not self.flush_interval_s > 0:
       raise ValueError(f"ResilienceConfig: flush_interval_s={self.flush_interval_s} must be > 0")
+    for name in ("start_timeout_s", "build_timeout_s", "warm_up_timeout_s", "close_timeout_s"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"ResilienceConfig: {name}={getattr(self, name)} must be > 0")
     if not self.durable_chunk >= 1:
       raise ValueError(f"ResilienceConfig: durable_chunk={self.durable_chunk} must be >= 1")
 

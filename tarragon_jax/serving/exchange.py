@@ -97,11 +97,12 @@ class LayerExchange:
 
   def send_to_attention(self, results: dict[int, tuple], aws: Iterable[int],
                         capacity: int) -> dict[int, list]:
-    """Results back to the AWs; outbox[a][m] is EW m's output for AW a (zeros if none)."""
+    """Results back to the AWs; outbox[a][m] is EW m's output for AW a (NaN if none: a token
+    routed to an EW that sent nothing fails its request, see `AttentionWorker.missing`)."""
     keys = [(a, m) for m in results for a in aws]
     sent = self.transfers.send_many(
         [(results[m][a], self.aws[a].cell.replicated()) for a, m in keys])
-    outbox = {a: [self.aws[a].zeros(capacity)] * len(self.ews) for a in aws}
+    outbox = {a: [self.aws[a].missing(capacity)] * len(self.ews) for a in aws}
     for (a, m), out in zip(keys, sent):
       outbox[a][m] = out
     return outbox

@@ -7,11 +7,21 @@ class StreamGap(RuntimeError):
   """A token index arrived before the ones preceding it (a lost token)."""
 
 
+class RequestFailed(RuntimeError):
+  """A request ended with a terminal error: the engine could not finish it correctly. The
+  tokens delivered before it are correct; no more will come."""
+
+  def __init__(self, request_id: int, cause: str):
+    super().__init__(f"request {request_id} failed: {cause}")
+    self.request_id, self.cause = request_id, cause
+
+
 class TokenStream:
   """Delivers each output index of one request once and in order, across any failovers.
 
   A recovery may produce indices the client already has (the baseline recomputes every token);
   those are compared with what was delivered and dropped. A mismatch is recorded, not hidden.
+  A request the engine cannot finish correctly ends with `error` (a `RequestFailed`).
   """
 
   def __init__(self, request_id: int):
@@ -20,6 +30,7 @@ class TokenStream:
     self.times: list[float] = []
     self.duplicates = 0
     self.mismatches: list[tuple[int, int, int]] = []  # (index, delivered, recomputed)
+    self.error: RequestFailed | None = None
 
   def __len__(self) -> int:
     return len(self.tokens)
@@ -37,3 +48,7 @@ class TokenStream:
     self.tokens.append(token)
     self.times.append(time)
     return True
+
+  def fail(self, cause: str):
+    """Ends the stream with a terminal error."""
+    self.error = RequestFailed(self.request_id, cause)

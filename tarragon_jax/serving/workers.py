@@ -59,8 +59,10 @@ class AttentionWorker(FaultDomain):
     kv = cell.sharding(AW_RULES, ("layers", "slots", "seq", "kv_heads", "head_dim"), cache.k.shape)
     self.cache = jax.device_put(cache, KVCache(kv, kv, cell.replicated()))
     self.slots = self.put(np.arange(num_slots, dtype=np.int32))  # row b reads/writes slot b
-    self.x = self.x_in = self.h = self.dest = self.weights = None
-    self._zeros: dict[int, jax.Array] = {}
+    self.x = self.x_in = self.h = self.dest = self.weights = self.lost = None
+    self.bad = None  # bool[B] rows of this step whose result cannot be computed
+    self._none_bad = self.put(np.zeros((num_slots,), bool))  # each step starts from it
+    self._missing: dict[int, jax.Array] = {}
 
   def put(self, array):
     """Host data onto this worker's cell, replicated: for data that every layer reads.
@@ -83,6 +85,7 @@ class AttentionWorker(FaultDomain):
     if fresh.any():
       self.cache = _reset_lengths(self.cache, fresh)
     self.x = datapath.aw_embed(self.params, tokens.astype(np.int32))
+    self.bad = self._none_bad
     return True
 
   def attend(self, layer, active, num_ew: int, slots_per_layer: int):
@@ -94,8 +97,8 @@ class AttentionWorker(FaultDomain):
     if not self._serving():
       return None
     self.x_in = self.x
-    (self.x, self.cache, bufs, counts, self.dest, self.weights,
-     self.h) = datapath.aw_attend_and_pack(
+    (self.x, self.cache, bufs, counts, self.dest, self.weights, self.h,
+     self.lost) = datapath.aw_attend_and_pack(
          self.params, self.cfg, self.x, self.cache, layer, self.slots, self.n_new, active,
          num_ew=num_ew, slots_per_layer=slots_per_layer)
     return bufs, counts
@@ -111,33 +114,37 @@ class AttentionWorker(FaultDomain):
     self.x = self.x_in
     return self.attend(layer, active, num_ew, slots_per_layer)
 
-  def zeros(self, capacity: int) -> jax.Array:
-    """An all-zero [C, D] result on this cell, standing in for an EW that sent nothing."""
-    if capacity not in self._zeros:
-      self._zeros[capacity] = self.put(np.zeros((capacity, self.cfg.hidden_size),
-                                                self.cfg.dtype))
-    return self._zeros[capacity]
+  def missing(self, capacity: int) -> jax.Array:
+    """An all-NaN [C, D] result on this cell, standing in for an EW that sent nothing: read
+    only where a token was routed to that EW, and then it marks the token's row bad (never a
+    silent zero)."""
+    if capacity not in self._missing:
+      self._missing[capacity] = self.put(np.full((capacity, self.cfg.hidden_size), np.nan,
+                                                 self.cfg.dtype))
+    return self._missing[capacity]
 
   def combine(self, layer, results):
     """Adds the EWs' results (and the shared expert) to the residual; True, or None if hung."""
     if not self._serving():
       return None
-    self.x = datapath.aw_combine(self.params, self.cfg, self.x, self.h, layer, tuple(results),
-                                 self.dest, self.weights)
+    self.x, self.bad = datapath.aw_combine(self.params, self.cfg, self.x, self.h, layer,
+                                           tuple(results), self.dest, self.weights, self.bad,
+                                           self.lost)
     return True
 
   def sample(self, key_data, step, temperature, top_p):
     """Samples each row's next token; None if hung.
 
     Returns:
-      (i32[B] tokens, the step's KV [2, L, B, T, K, H] (k, v) or None without snapshots), device
-      arrays not yet fetched.
+      (i32[B] tokens, `datapath.BAD_TOKEN` for a row whose result could not be computed, the
+      step's KV [2, L, B, T, K, H] (k, v) or None without snapshots), device arrays not yet
+      fetched.
     """
     if not self._serving():
       return None
     tokens, self.cache, segment = datapath.aw_finish(
         self.params, self.cfg, self.x, self.cache, self.slots, self.n_new,
-        key_data, step, temperature, top_p, snapshot=self.snapshots)
+        key_data, step, temperature, top_p, self.bad, snapshot=self.snapshots)
     return tokens, segment
 
   def restore(self, slot: int, k: np.ndarray, v: np.ndarray) -> int:
@@ -172,7 +179,7 @@ class AttentionWorker(FaultDomain):
       self.begin(np.zeros((B, T), np.int32), np.zeros((B,), np.int32), np.ones((B,), bool))
       bufs, _ = self.attend(0, active, num_ew, slots_per_layer)
       zeros = [np.zeros((b.shape[0], self.cfg.hidden_size), self.cfg.dtype) for b in bufs]
-      self.combine(0, zeros if self.host_inputs else [self.zeros(z.shape[0]) for z in zeros])
+      self.combine(0, zeros if self.host_inputs else [self.put(z) for z in zeros])
       zeros = np.zeros((B,), np.int32)
       self.sample(np.zeros((B, 2), np.uint32), zeros, zeros.astype(np.float32),
                   np.ones((B,), np.float32))
