@@ -2,6 +2,9 @@
 
 import json
 import os
+import re
+import shutil
+import threading
 import time
 
 import numpy as np
@@ -11,7 +14,7 @@ import tensorstore as ts
 import tarragon_jax as tj
 from tarragon_jax.mesh.cells import CellPlan
 from tarragon_jax.resilience import kv_archive, snapshot_store
-from tarragon_jax.resilience.fault_domain import WorkerDead
+from tarragon_jax.resilience.fault_domain import Health, WorkerDead
 from tarragon_jax.resilience.global_restart import fit_plan
 from tarragon_jax.resilience.snapshot_store import SnapshotStore
 from tarragon_jax.serving.streams import StreamGap, TokenStream
@@ -390,6 +393,117 @@ def test_a_slot_the_commit_file_lists_is_not_reused_until_a_file_without_it_land
   np.testing.assert_array_equal(kv_archive.read_archive(str(tmp_path), 2)[1], v2[:, 0])
   archive.poll_until_idle()
   np.testing.assert_array_equal(kv_archive.read_archive(str(tmp_path), 2)[1], v1[:, 0])
+
+
+def test_a_missing_chunk_file_is_an_error_and_intact_requests_read_back(tmp_path):
+  """tensorstore reads a missing chunk as zeros; the archive reader names what is missing."""
+  archive = kv_archive.KVArchive(str(tmp_path), CFG, chunk=16)
+  rng = np.random.default_rng(14)
+  k, v = kv(rng, 2, 48)  # requests 7 and 8, positions [0, 48)
+  kv7, kv8 = (np.stack([k[:, b], v[:, b]])[None] for b in range(2))
+  archive.write([7, 8], 0, np.concatenate([kv7, kv8])[:, :, :, :16])
+  archive.write([7], 16, kv7[:, :, :, 16:48])
+  archive.commit()
+  archive.poll_until_idle()
+  assert archive.durable == {7: 48, 8: 16}
+  commits = json.loads((tmp_path / "commits.json").read_text())
+  lost = tmp_path / "kv" / "c" / str(commits["7"]["slot"]) / "0" / "0" / "1" / "0" / "0"
+  assert lost.is_file()  # the chunk of request 7's positions [16, 32)
+  lost.unlink()
+  with pytest.raises(kv_archive.ArchiveError,
+                     match=rf"{re.escape(str(tmp_path))}: request 7 .*positions \[16, 32\) "):
+    kv_archive.read_archive(str(tmp_path), 7)
+  got_k, got_v = kv_archive.read_archive(str(tmp_path), 8)
+  np.testing.assert_array_equal(got_k, k[:, 1, :16])
+  np.testing.assert_array_equal(got_v, v[:, 1, :16])
+  arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
+                                                "path": os.path.join(tmp_path, "kv")}}).result()
+  got = arr[commits["8"]["slot"], :, :, :16].read().result()  # [2, L, 16, K, H]
+  np.testing.assert_array_equal(got, kv8[0, :, :, :16])
+
+
+@pytest.mark.parametrize("damage", ["missing", "unreadable"])
+def test_a_missing_or_unreadable_commit_file_is_an_error_naming_it(tmp_path, damage):
+  archive = kv_archive.KVArchive(str(tmp_path), CFG, chunk=16)
+  k, v = kv(np.random.default_rng(15), 1, 16)
+  archive.write([1], 0, np.stack([k, v]).transpose(2, 0, 1, 3, 4, 5))
+  archive.commit()
+  archive.poll_until_idle()
+  path = tmp_path / "commits.json"
+  if damage == "missing":
+    path.unlink()
+  else:
+    path.write_text('{"1": {"slot": 0, "n"')  # cut short
+  with pytest.raises(kv_archive.ArchiveError, match=re.escape(str(path))):
+    kv_archive.read_archive(str(tmp_path), 1)
+
+
+def test_a_durable_tier_write_error_kills_the_store_and_says_why(tmp_path):
+  """Fail-stop: a store whose durable tier fails is dead (the engine replaces it), not a
+  store that still answers probes while its restore points stop being durable."""
+  deaths = []
+  store = SnapshotStore(CFG, str(tmp_path), flush_interval_s=0.02, durable_chunk=16,
+                        on_death=deaths.append)
+  try:
+    rng = np.random.default_rng(16)
+    step(store, 0, 0, [(1, 0, 0, 20)], *kv(rng, 1, 20))
+    drain(store)
+    wait_durable(store, 1, 16)
+    shutil.rmtree(tmp_path / "kv")  # the durable tier's chunk files can no longer be written
+    (tmp_path / "kv").write_text("")
+    for seq in range(1, 14):
+      step(store, 0, seq, [(1, 0, 19 + seq, 1)], *kv(rng, 1, 1))
+    mark = store.mark()
+    wait_for(lambda: store.health is Health.DEAD, timeout=30.0, what="the store to die")
+    assert not store.probe() and not store.stopped
+    assert len(deaths) == 1 and deaths[0] is store.error
+    assert str(tmp_path / "kv") in str(store.error)  # tensorstore's own error, which file
+    cause = rf"store is dead: its thread died of {type(store.error).__name__}: .*Not a directory"
+    with pytest.raises(WorkerDead, match=cause):
+      step(store, 0, 14, [(1, 0, 33, 1)], *kv(rng, 1, 1))
+    with pytest.raises(WorkerDead, match=cause):
+      store.mark()
+    with pytest.raises(WorkerDead, match=cause):
+      store.caught_up(mark)  # a wait for it ends
+    with pytest.raises(WorkerDead, match=cause):
+      store.restore_point(1)
+  finally:
+    assert store.stop()
+  assert store.stopped and len(deaths) == 1
+
+
+class _Stuck:
+  """KV whose copy to host does not complete until released (a stuck device array)."""
+
+  def __init__(self):
+    self.entered, self.release = threading.Event(), threading.Event()
+
+  def __array__(self, *_, **__):
+    self.entered.set()
+    self.release.wait(60.0)
+    raise RuntimeError("Array has been deleted")
+
+
+def test_a_stuck_copy_holds_up_neither_callers_nor_stop(store):
+  stuck = _Stuck()
+  try:
+    step(store, 0, 0, [(1, 0, 0, 1)], *kv(np.random.default_rng(17), 1, 1))
+    drain(store)
+    store.log_step(0, 1, [(1, 0, 1, 1)], stuck)
+    store.mark()
+    wait_for(stuck.entered.is_set, what="the store's thread to start the copy")
+    got = []
+    threading.Thread(target=lambda: got.append(store.committed(1)), daemon=True).start()
+    wait_for(lambda: got, what="committed() while the store's thread is stuck")
+    assert got == [1]
+    assert store.stop(timeout_s=0.05) is False  # it says the thread has not ended
+    assert store.health is Health.DEAD and not store.probe()
+    with pytest.raises(WorkerDead):
+      store.restore_point(1)
+  finally:
+    stuck.release.set()
+  wait_for(lambda: not store._thread.is_alive(), what="the store's thread to end")
+  assert store.error is None  # stopped by us: not a death
 
 
 def test_a_store_left_running_is_stopped_before_the_interpreter_exits(tmp_path):

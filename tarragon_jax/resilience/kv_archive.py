@@ -163,11 +163,51 @@ class KVArchive:
     self._dirty = False
 
 
+class ArchiveError(RuntimeError):
+  """The durable tier cannot give back what its commit file lists."""
+
+
 def read_archive(directory: str, rid: int) -> tuple[np.ndarray, np.ndarray]:
-  """Reads request `rid`'s durable KV [L, n, K, H] with the standard zarr3 reader."""
-  with open(os.path.join(directory, "commits.json")) as f:
-    entry = json.load(f).get(str(rid))
+  """Reads request `rid`'s durable KV [L, n, K, H] with the standard zarr3 reader.
+
+  Raises:
+    KeyError: the commit file does not list the request.
+    ArchiveError: the commit file is missing or unreadable, or a chunk it lists is (never the
+      fill value that tensorstore would read for a missing chunk: zeros are not the KV).
+  """
+  path = os.path.join(directory, "commits.json")
+  try:
+    with open(path) as f:
+      entry = json.load(f).get(str(rid))
+    if entry is not None:
+      slot, n = int(entry["slot"]), int(entry["n"])
+  except (OSError, ValueError, AttributeError, KeyError, TypeError) as err:
+    raise ArchiveError(f"{path}: the commit file is missing or unreadable: {err!r}") from err
   if entry is None:
     raise KeyError(f"{directory}: request {rid} has no durable snapshot")
-  kv = ts.open(_spec(directory)).result()[entry["slot"], :, :, :entry["n"]].read().result()
+  where = f"{directory}: request {rid} (slot {slot}, positions [0, {n}))"
+  try:
+    array = ts.open({**_spec(directory), "fill_missing_data_reads": False}).result()
+  except ValueError as err:
+    raise ArchiveError(f"{where}: its kv array cannot be opened: {err}") from err
+  try:
+    kv = array[slot, :, :, :n].read().result()
+  except ValueError as err:
+    raise ArchiveError(f"{where}: positions {_unreadable(array, slot, n)} are missing or "
+                       f"unreadable: {err}") from err
   return np.asarray(kv[0]), np.asarray(kv[1])
+
+
+def _unreadable(array: ts.TensorStore, slot: int, n: int) -> str:
+  """The ranges of positions [0, n) of `slot` whose chunks cannot be read: "[16, 32), ..."."""
+  chunk, bad = array.chunk_layout.read_chunk.shape[3], []
+  for lo in range(0, n, chunk):
+    hi = min(lo + chunk, n)
+    try:
+      array[slot, :, :, lo:hi].read().result()
+    except ValueError:
+      if bad and bad[-1][1] == lo:
+        bad[-1][1] = hi
+      else:
+        bad.append([lo, hi])
+  return ", ".join(f"[{lo}, {hi})" for lo, hi in bad) or "(none, read again)"

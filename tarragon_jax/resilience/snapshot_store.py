@@ -19,6 +19,11 @@ The store's thread holds the GIL while it works, and on a small host every micro
 taken from the serving loop, so its per-step path is short: a decode step of an unchanged batch
 comes without rows (a continuation of the AW's previous step), and a batch's run of them costs
 one numpy write per AW.
+
+The store fails stop: if its thread dies (a durable-tier write or commit that fails, or any
+other error) the store is dead, as if killed. Its durable tier no longer follows its host tier,
+so the engine replaces it (a new store, a new directory, base snapshots) rather than keep a store
+whose restore points silently stop being durable.
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ import queue
 import threading
 import time
 import weakref
+from collections.abc import Callable
 
 import numpy as np
+from absl import logging
 
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.resilience.fault_domain import FaultDomain, Health, WorkerDead
@@ -80,6 +87,19 @@ class _Run:
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # stores whose thread runs
 
 
+def _to_host(item):
+  """A queued item with its KV as numpy arrays; unchanged if they cannot be had (the KV of a
+  killed AW is lost: applying the item fails again, and it commits nothing)."""
+  try:
+    if item is not None and item[0] == "step":
+      return (*item[:4], np.asarray(item[4]))
+    if item is not None and item[0] == "base":
+      return (*item[:3], np.asarray(item[3]), np.asarray(item[4]))
+  except Exception:  # noqa: BLE001
+    pass
+  return item
+
+
 @atexit.register
 def _stop_live_stores():
   """Stops store threads a program left running before the interpreter shuts down: a daemon
@@ -93,8 +113,15 @@ class SnapshotStore(FaultDomain):
 
   def __init__(self, cfg: ModelConfig, directory: str, flush_interval_s: float = 0.2,
                durable_chunk: int = CHUNK, max_queue: int = 100_000, name: str = "store",
-               batch_interval_s: float = 0.2):
+               batch_interval_s: float = 0.2,
+               on_death: Callable[[BaseException], None] | None = None):
+    """`on_death(error)` is called from the store's thread if the thread dies of anything but
+    `stop` or `kill` (a store process passes one that ends the process, so that its connection
+    drops); the store is then dead, with `error` the exception."""
     self.cfg, self.name = cfg, name
+    self.on_death = on_death
+    self.error: BaseException | None = None  # what the store's thread died of
+    self.stopped = False  # `stop` was called: the end of serving, not a failure
     self.flush_interval_s = flush_interval_s
     # The thread applies what queued up in this long (unless hurried: a restore or `settle`
     # calls `mark`), at most one flush interval (a flush follows a batch). Each wake-up of the
@@ -141,8 +168,7 @@ class SnapshotStore(FaultDomain):
     self._put(("forget", rid))
 
   def _put(self, item):
-    if self.health is Health.DEAD:
-      raise WorkerDead(f"{self.name} is dead")
+    self._check_alive()
     if self._queue.qsize() >= self.max_queue:
       raise queue.Full(f"{self.name}: {self.max_queue} items queued (max_queue); the store is "
                        "not draining")
@@ -162,16 +188,19 @@ class SnapshotStore(FaultDomain):
 
   def mark(self) -> int:
     """The count of items queued so far; wakes the store's thread to apply them now."""
-    if self.health is Health.DEAD:
-      raise WorkerDead(f"{self.name} is dead")
+    self._check_alive()
     self._hurry.set()
     return self.enqueued
 
   def caught_up(self, mark: int) -> bool:
+    """Whether the items queued before `mark` are applied; WorkerDead once the store is dead
+    (they never will be)."""
+    self._check_alive()
     return self.processed >= mark
 
   @property
   def flushing(self) -> bool:
+    self._check_alive()
     return self.archive.flushing
 
   def committed(self, rid: int) -> int:
@@ -190,11 +219,19 @@ class SnapshotStore(FaultDomain):
       k, v = self._arrays(kv)
       return k[:, :kv.committed].copy(), v[:, :kv.committed].copy()
 
-  def stop(self):
-    """Shuts the store down cleanly (the end of serving, not a failure)."""
+  def stop(self, timeout_s: float = 10.0) -> bool:
+    """Shuts the store down cleanly (the end of serving, not a failure); False (and a logged
+    warning) if its thread has not ended after `timeout_s` (stuck in a copy or in tensorstore:
+    it exits when that returns, the store is dead meanwhile)."""
+    self.stopped = True
     if self.health is not Health.DEAD:
       self.kill()
-    self._thread.join()
+    self._thread.join(timeout_s)
+    if self._thread.is_alive():
+      logging.warning("%s: its thread has not ended %.1f s after stop", self.name, timeout_s)
+      return False
+    _LIVE.discard(self)
+    return True
 
   def kill(self):
     super().kill()
@@ -202,9 +239,39 @@ class SnapshotStore(FaultDomain):
       self._kv, self._mirrors, self.log, self._runs = {}, {}, {}, {}
     self._queue.put(None)  # wake the thread so that it exits
 
+  def _serving(self) -> bool:
+    self._check_alive()
+    return self.health is Health.ALIVE
+
+  def _check_alive(self):
+    """Raises WorkerDead, saying why, if the store is dead."""
+    if self.health is not Health.DEAD:
+      return
+    err = self.error
+    if err is None:
+      raise WorkerDead(f"{self.name} is dead")
+    raise WorkerDead(f"{self.name} is dead: its thread died of {type(err).__name__}: "
+                     f"{err}") from err
+
   # -- the store's thread -------------------------------------------------------------------
 
   def _loop(self):
+    try:
+      self._work()
+    except BaseException as err:  # noqa: BLE001 - no death of this thread may go unseen
+      if self.health is not Health.DEAD:  # not ended by `stop` or `kill`: a failure
+        self._died(err)
+
+  def _died(self, err: BaseException):
+    """The store's thread is ending with `err`: the store is dead (fail-stop)."""
+    self.error = err  # before the health: a caller that sees DEAD sees why
+    logging.error("%s: its thread died; the store is dead", self.name, exc_info=err)
+    self.kill()
+    _LIVE.discard(self)
+    if self.on_death is not None:
+      self.on_death(err)
+
+  def _work(self):
     last_flush = time.perf_counter()
     while self.health is not Health.DEAD:
       if self.health is Health.HUNG:
@@ -221,6 +288,9 @@ class SnapshotStore(FaultDomain):
         batch += [self._queue.get_nowait() for _ in range(self._queue.qsize())]
       if self.health is not Health.ALIVE:
         continue
+      # Device arrays are copied before the lock is taken: a copy that never completes (a
+      # stuck AW) must not hold restores and `kill` up with it.
+      batch = [_to_host(item) for item in batch]
       with self._lock:  # once per batch: restores wait at most one batch
         self._apply_batch(batch)
       with self._count_lock:
@@ -266,7 +336,7 @@ class SnapshotStore(FaultDomain):
       if run is None or seq != run.seq + len(arrays) + 1:
         break
       try:
-        step_kv = np.asarray(kv)  # a device array: waits for the AW here, off its path
+        step_kv = np.asarray(kv)  # host already, unless lost (`_to_host`)
       except Exception:  # noqa: BLE001 - KV of a killed AW is lost
         break
       if step_kv.shape[3] != 1:
@@ -297,7 +367,7 @@ class SnapshotStore(FaultDomain):
     kind = item[0]
     if kind == "step":
       _, aw, seq, rows, step_kv = item
-      step_kv = np.asarray(step_kv)  # a device array: waits for the AW here, off its path
+      step_kv = np.asarray(step_kv)  # host already, unless lost (`_to_host`)
       _, L, B, _, K, H = step_kv.shape
       mirror, kvs = self._mirrors.get(aw), self._kv
       if mirror is None or B > len(mirror.owner):
