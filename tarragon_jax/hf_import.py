@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.params import (
@@ -36,12 +36,43 @@ class CheckpointError(ValueError):
   """A checkpoint that cannot be imported; the message names what is wrong."""
 
 
+ROPE_TYPES = ("default",)  # the rope `layers/attention.py` implements: unscaled
+
+
 def _rope_theta(hf: dict) -> float:
-  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-  kind = rope.get("rope_type", rope.get("type", "default"))
-  if kind not in ("default", None):
-    raise CheckpointError(f"rope type {kind!r} is not supported; only the default rope is")
-  return float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+  """The rope base frequency; CheckpointError for a rope this library does not implement.
+
+  Rope settings appear in `rope_scaling` (older transformers: `type` or `rope_type`) and/or
+  `rope_parameters` (newer: `rope_type` and `rope_theta`, or one such dict per layer type). A
+  config may carry both (a yarn `rope_scaling` beside a default `rope_parameters`), so every
+  one is checked, not just the first found.
+  """
+  thetas = {}
+  for field in ("rope_scaling", "rope_parameters"):
+    block = hf.get(field)
+    if block is None:
+      continue
+    if not isinstance(block, dict):
+      raise CheckpointError(f"{field}={block!r} is not supported; give a dict or null")
+    by_layer_type = bool(block) and all(isinstance(v, dict) for v in block.values())
+    for where, rope in (block.items() if by_layer_type else [(None, block)]):
+      name = field if where is None else f"{field}[{where!r}]"
+      for key in ("rope_type", "type"):
+        if rope.get(key) not in (None, *ROPE_TYPES):
+          raise CheckpointError(f"{name} has {key}={rope[key]!r}, which is not supported; "
+                                f"supported rope types: {ROPE_TYPES} (no rope scaling)")
+      if rope.get("rope_theta") is not None:
+        thetas[f"{name}['rope_theta']"] = rope["rope_theta"]
+  if not thetas:
+    thetas["rope_theta"] = hf.get("rope_theta") or 10_000.0
+  for name, theta in thetas.items():
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+      raise CheckpointError(f"{name}={theta!r}; the rope base must be a number > 0")
+  if len(set(thetas.values())) > 1:
+    given = ", ".join(f"{name}={theta!r}" for name, theta in thetas.items())
+    raise CheckpointError(f"the rope base differs between fields ({given}); only one rope_theta "
+                          "for every layer is supported")
+  return float(next(iter(thetas.values())))
 
 
 def _field(hf: dict, *names: str):
@@ -103,6 +134,17 @@ def config_from_hf(hf: dict, *, max_seq_len: int | None = None,
                      attention_bias=bool(hf.get("qkv_bias", hf.get("attention_bias", True))))
 
 
+def _safe_open(file: str):
+  """safe_open(file), with an unreadable file named in the error (safetensors does not)."""
+  try:
+    return safe_open(file, "np")
+  except FileNotFoundError:
+    raise CheckpointError(f"{file} is missing") from None
+  except SafetensorError as e:
+    raise CheckpointError(f"{file} is not a readable safetensors file; it is truncated or corrupt "
+                          f"({e}): download or save it again") from e
+
+
 class _Tensors:
   """Lazy name -> tensor lookup over one or many safetensors files."""
 
@@ -111,13 +153,22 @@ class _Tensors:
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(index):
       with open(index) as f:
-        self._where = {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+        try:
+          weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+          weight_map = e
+      if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index} is not a safetensors index: it needs a JSON object with "
+                              f"a weight_map of tensor name -> file name ({weight_map!r})")
+      self._where = {k: os.path.join(path, v) for k, v in weight_map.items()}
+      # Each shard's header is read now (its tensors stay on disk), so that a missing, truncated
+      # or corrupt shard is reported when the checkpoint is opened, not midway through a load.
+      self._open: dict[str, Any] = {f: _safe_open(f) for f in sorted(set(self._where.values()))}
     elif os.path.exists(single):
-      with safe_open(single, "np") as f:
-        self._where = {k: single for k in f.keys()}
+      self._open = {single: _safe_open(single)}
+      self._where = {k: single for k in self._open[single].keys()}
     else:
       raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    self._open: dict[str, Any] = {}
 
   def __contains__(self, name: str) -> bool:
     return name in self._where
@@ -125,10 +176,7 @@ class _Tensors:
   def get(self, name: str) -> np.ndarray:
     if name not in self._where:
       raise CheckpointError(f"tensor {name!r} is missing from the checkpoint")
-    file = self._where[name]
-    if file not in self._open:
-      self._open[file] = safe_open(file, "np")
-    return self._open[file].get_tensor(name)
+    return self._open[self._where[name]].get_tensor(name)
 
 
 def _expert_names(family: str) -> tuple[str, tuple[str, str, str], str]:

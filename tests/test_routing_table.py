@@ -195,3 +195,13 @@ def test_computed_slots_of_uneven_primaries_cover_each_ews_own():
   for m, n in enumerate(base.slots_in_use(3)):
     held = placement.contents[0, m, :n]
     assert all(placement.replicas[0, e, 0] // placement.slots_per_layer == m for e in held)
+
+
+def test_table_is_a_read_only_copy_of_the_array_it_is_given():
+  mine = PLACEMENT.replicas.astype(np.int64)  # writeable, and not i32
+  t = RoutingTable(mine, PLACEMENT.slots_per_layer)
+  assert t.replicas.dtype == np.int32
+  mine[0, 0, 0] = 7  # the caller's array changing does not change the table
+  assert int(t.active[0, 0]) == int(PLACEMENT.replicas[0, 0, 0]) != 7
+  with pytest.raises(ValueError, match="read-only"):
+    t.replicas[0, 0, 0] = 7

@@ -8,25 +8,59 @@ failure keeps drawing the same stream. Legend: B rows, V vocab.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+# jax.random.key converts a seed to int64: a larger one raises a bare OverflowError ("Python int
+# too large to convert to C long") when the request's key is made. With x64 off, as here, it keeps
+# only the low 32 bits, so seeds s and s + 2**32 draw the same stream.
+SEED_RANGE = (-(2**63), 2**63)  # [lo, hi)
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-  """Per-request sampling settings. temperature 0 is greedy."""
+  """Per-request sampling settings. temperature 0 is greedy.
+
+  Attributes:
+    temperature: a finite real >= 0; 0 = greedy.
+    top_p: a real in (0, 1]; 1 keeps the whole vocabulary.
+    seed: an int in [-2**63, 2**63), the range jax.random.key accepts. Without jax_enable_x64
+      only `seed % 2**32` matters.
+  """
 
   temperature: float = 0.0
   top_p: float = 1.0
   seed: int = 0
 
   def __post_init__(self):
-    if not self.temperature >= 0:
-      raise ValueError(f"SamplingParams: temperature={self.temperature} must be >= 0 (0 = greedy)")
+    if not _is_real(self.temperature):
+      raise ValueError(f"SamplingParams: temperature={self.temperature!r} must be a real number "
+                       ">= 0 (0 = greedy)")
+    if not 0 <= self.temperature < math.inf:
+      raise ValueError(f"SamplingParams: temperature={self.temperature} must be finite and >= 0 "
+                       "(0 = greedy)")
+    if not _is_real(self.top_p):
+      raise ValueError(f"SamplingParams: top_p={self.top_p!r} must be a real number in (0, 1]")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"SamplingParams: top_p={self.top_p} must be in (0, 1]")
+    if not _is_int(self.seed):
+      raise ValueError(f"SamplingParams: seed={self.seed!r} must be an int")
+    lo, hi = SEED_RANGE
+    if not lo <= int(self.seed) < hi:
+      raise ValueError(f"SamplingParams: seed={self.seed} is outside [-2**63, 2**63), the seeds "
+                       "jax.random.key accepts")
 
   def key_data(self) -> np.ndarray:
     """The request's raw PRNG key, u32[2]."""

@@ -21,6 +21,39 @@ class RoutingTable:
   slots_per_layer: int  # S: physical slot p lives on EW p // S, local slot p % S
   epoch: int = 0
 
+  def __post_init__(self):
+    # Everything downstream unpacks [L, E, R] and does slot arithmetic in ints: a 2-D table would
+    # fail far from here, and a float one would route to truncated slots.
+    a = self.replicas
+    frozen = (isinstance(a, np.ndarray) and a.dtype == np.int32 and not a.flags.writeable
+              and a.base is None)  # `_frozen`'s: read-only, and no writeable array under it
+    if not frozen:
+      try:
+        a = np.asarray(a)
+      except ValueError as e:  # ragged nested lists
+        raise ValueError(f"RoutingTable: replicas are not an [L, E, R] array ({e}); give every "
+                         "expert the same number of slots, padded with -1") from None
+    if a.ndim != 3 or 0 in a.shape:
+      raise ValueError(f"RoutingTable: replicas have shape {a.shape}; give i32[L, E, R] (layers, "
+                       "experts, an expert's slots with the serving one first), each >= 1: "
+                       "e.g. slots[..., None] for one slot per expert")
+    if not np.issubdtype(a.dtype, np.integer):
+      raise ValueError(f"RoutingTable: replicas have dtype {a.dtype}; slot ids must be integers "
+                       "(-1 = none): cast them, e.g. replicas.astype(np.int32)")
+    if a.min() < -1:
+      l, e, k = (int(i) for i in np.argwhere(a < -1)[0])
+      raise ValueError(f"RoutingTable: replicas[{l}, {e}, {k}]={int(a[l, e, k])}; a slot id is "
+                       ">= 0, or -1 for none")
+    if a.max() > np.iinfo(np.int32).max:
+      raise ValueError(f"RoutingTable: replicas hold slot id {a.max()}, which does not fit in "
+                       "int32")
+    for name, lo in (("slots_per_layer", 1), ("epoch", 0)):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < lo:
+        raise ValueError(f"RoutingTable: {name}={value!r} must be an int >= {lo}")
+    if not frozen:  # a read-only copy: the table stays a value whatever the caller does to `a`
+      object.__setattr__(self, "replicas", _frozen(a))
+
   @classmethod
   def from_placement(cls, placement: Placement) -> RoutingTable:
     return cls(placement.replicas, placement.slots_per_layer, 0)

@@ -22,22 +22,28 @@ class Request:
 
   def validate(self, cfg: ModelConfig):
     """Raises ValueError naming the bad value if this request cannot be served by `cfg`."""
+    for name in ("prompt", "stop_tokens"):
+      value = getattr(self, name)
+      if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise ValueError(f"Request: {name}={value!r} must be a sequence of int token ids")
     if len(self.prompt) == 0:
       raise ValueError("Request: the prompt is empty; give at least one token id")
     if (not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool)
         or self.max_new_tokens <= 0):
       raise ValueError(f"Request: max_new_tokens={self.max_new_tokens!r} must be an int >= 1")
-    not_ints = [t for t in self.prompt
-                if not isinstance(t, (int, np.integer)) or isinstance(t, bool)]
-    if not_ints:
-      raise ValueError(f"Request: prompt token ids must be ints; got {not_ints[:5]}")
-    bad = [t for t in self.prompt if not 0 <= int(t) < cfg.vocab_size]
-    if bad:
-      raise ValueError(f"Request: prompt token ids {bad[:5]} are outside the vocabulary "
-                       f"[0, {cfg.vocab_size})")
-    bad = [t for t in self.stop_tokens if not 0 <= int(t) < cfg.vocab_size]
-    if bad:
-      raise ValueError(f"Request: stop tokens {bad[:5]} are outside [0, {cfg.vocab_size})")
+    if not isinstance(self.sampling, SamplingParams):
+      raise ValueError(f"Request: sampling={self.sampling!r} must be a SamplingParams")
+    # Type first, range second: int("x") or 0 <= "x" would fail with a message that names
+    # neither the request field nor the vocabulary.
+    for name, what in (("prompt", "prompt token ids"), ("stop_tokens", "stop tokens")):
+      tokens = getattr(self, name)
+      not_ints = [t for t in tokens if not isinstance(t, (int, np.integer)) or isinstance(t, bool)]
+      if not_ints:
+        raise ValueError(f"Request: {what} must be ints; got {not_ints[:5]}")
+      bad = [t for t in tokens if not 0 <= int(t) < cfg.vocab_size]
+      if bad:
+        raise ValueError(f"Request: {what} {bad[:5]} are outside the vocabulary "
+                         f"[0, {cfg.vocab_size})")
     need = len(self.prompt) + self.max_new_tokens - 1
     if need > cfg.max_seq_len:
       raise ValueError(
