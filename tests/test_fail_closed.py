@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import shutil
 
 import jax
 import numpy as np
@@ -149,20 +150,36 @@ def test_another_models_weights_are_refused_where_they_enter(tmp_path):
 
 
 def test_a_replacement_loading_other_weights_fails_its_build_not_the_tokens(tmp_path):
-  """Case 4, at load time: the checkpoint is swapped after the engine started; the replacement
-  built from it is refused (its fingerprint), and the shadows keep serving correctly."""
+  """Case 4, at load time: the checkpoint is swapped after the engine started. Both EWs that
+  hold an expert die, so its replacement must load it from the checkpoint: the fingerprint
+  refuses it, and the requests routed to that expert fail instead of being served by another
+  model's weights."""
   weights = str(tmp_path / "weights")
   tj.save_checkpoint(weights, _params(), CFG)
-  engine = _engine("kill:ew2@step=2", weights_dir=weights)
-  import shutil
+  with _engine() as probe_engine:
+    m1, m2 = _ews_holding_one_expert(probe_engine)
+  engine = _engine(f"kill:ew{m1}@step=3,layer=1; kill:ew{m2}@step=3,layer=1",
+                   weights_dir=weights)
   shutil.rmtree(weights)
   tj.save_checkpoint(weights, _params(4), CFG)
   with engine:
     ids = _serve(engine)
-    engine.recovery.wait_for_replacements()
-    assert _check_each_request(engine, ids, "-") == 0
+    assert _check_each_request(engine, ids, "no live replica") >= 1
   (failed,) = engine.timeline.of("replacement_failed")
-  assert failed["worker"] == "ew2" and "other weights than expected" in failed["error"]
+  assert failed["worker"] == f"ew{m1}" and "other weights than expected" in failed["error"]
+
+
+def test_a_global_restart_from_other_weights_fails_every_request(tmp_path):
+  """Case 4 for the baseline: its restart reloads every weight from the checkpoint."""
+  weights = str(tmp_path / "weights")
+  tj.save_checkpoint(weights, _params(), CFG)
+  engine = _engine("kill:ew1@step=3", weights_dir=weights, recovery="global_restart",
+                   shadows=0)
+  shutil.rmtree(weights)
+  tj.save_checkpoint(weights, _params(4), CFG)
+  with engine:
+    ids = _serve(engine)
+    assert _check_each_request(engine, ids, "other weights than expected") == len(PROMPTS)
 
 
 def test_a_non_finite_row_fails_its_own_request():

@@ -91,19 +91,20 @@ class GlobalRestart(Recovery):
     jax.clear_caches()  # 2. every compiled executable
     phase("clear_caches_s")
     if plan is None:
-      e.aws, e.ews, e.slot_owner, e.active_tables = [], [], [], []
-      for s in [s for s in e.requests.values() if not s.finished]:
-        e.fail_request(s, f"the global restart cannot rebuild the cluster: {cause}")
-      tl.add("global_restart_failed", error=cause)
+      self._cannot_serve(f"the global restart cannot rebuild the cluster: {cause}")
       return
     params = None
-    if not e.runtime.remote:  # (new worker processes load their weights themselves)
-      _, params = load_checkpoint(  # 3. weights from the orbax checkpoint
-          e.weights_dir, shardings=jax.sharding.SingleDeviceSharding(devices[0]),
-          expect=e.weights_fingerprint)
-      jax.block_until_ready(params)
-      phase("weight_load_s")
-    e.build(params, devices, plan)  # 4. cells (processes: start, JAX init, orbax load, build)
+    try:
+      if not e.runtime.remote:  # (new worker processes load their weights themselves)
+        _, params = load_checkpoint(  # 3. weights from the orbax checkpoint
+            e.weights_dir, shardings=jax.sharding.SingleDeviceSharding(devices[0]),
+            expect=e.weights_fingerprint)
+        jax.block_until_ready(params)
+        phase("weight_load_s")
+      e.build(params, devices, plan)  # 4. cells (processes: start, JAX init, orbax load, build)
+    except Exception as err:  # noqa: BLE001 - e.g. other weights: nothing can serve
+      self._cannot_serve(f"the global restart cannot rebuild the cluster: {err}")
+      return
     del params
     for w in e.aws + e.ews:
       wait(w.sync())
@@ -126,6 +127,17 @@ class GlobalRestart(Recovery):
                   recomputed_tokens=recomputed, plan=dataclasses.asdict(plan))
     self.restarts.append(record)
     tl.add("global_restart", **record)
+
+  def _cannot_serve(self, cause: str):
+    """No cluster could be rebuilt: every request fails, and so will later ones (no AW)."""
+    e = self.e
+    for w in e.aws + e.ews:
+      if w is not None:
+        w.kill()
+    e.aws, e.ews, e.slot_owner, e.active_tables = [], [], [], []
+    for s in [s for s in e.requests.values() if not s.finished]:
+      e.fail_request(s, cause)
+    e.timeline.add("global_restart_failed", error=cause)
 
   def summary(self) -> dict:
     out = super().summary()

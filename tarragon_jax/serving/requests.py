@@ -56,6 +56,7 @@ class Phase(enum.Enum):
   PREFILL = "prefill"  # placed in a slot, prompt not yet processed
   DECODE = "decode"
   DONE = "done"
+  FAILED = "failed"  # ended with a terminal error (`RequestState.error`); never resumed
 
 
 @dataclasses.dataclass
@@ -74,6 +75,7 @@ class RequestState:
   restore: bool = False  # its AW failed: restore (or re-prefill) it when it is placed again
   lost_layer: int = 0  # layers of its current step done when its AW failed
   failed_at: tuple[int, int] = (0, 0)  # (cached positions, tokens being fed) at that failure
+  error: str | None = None  # why it failed (phase FAILED)
 
   @property
   def feed(self) -> list[int]:
@@ -85,7 +87,13 @@ class RequestState:
 
   @property
   def done(self) -> bool:
+    """Completed: every token it asked for (or a stop token) was generated."""
     return self.phase is Phase.DONE
+
+  @property
+  def finished(self) -> bool:
+    """Completed or failed: the engine will do nothing more for it."""
+    return self.phase in (Phase.DONE, Phase.FAILED)
 
   def finished_by(self, token: int) -> bool:
     return (len(self.tokens) >= self.request.max_new_tokens
