@@ -128,6 +128,5 @@ def test_global_restart_baseline_recovers_every_request_from_its_prompt():
 
 
 def test_a_fault_on_a_worker_that_does_not_exist_is_refused():
-  engine = _engine("kill:ew7@step=1")
   with pytest.raises(ValueError, match="ew7.*4 EWs"):
-    _serve(engine)
+    _engine("kill:ew7@step=1")
