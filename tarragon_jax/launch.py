@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from tarragon_jax.runtime.cluster import Agent
+from tarragon_jax.runtime.cluster import REGISTER_TIMEOUT_S, Agent
 from tarragon_jax.runtime.spawner import PLATFORMS
 
 _ORCHESTRATOR = flags.DEFINE_string("orchestrator", None, "HOST:PORT the orchestrator listens on")
@@ -22,13 +22,16 @@ _HOST = flags.DEFINE_string("host", None, "the address workers bind and peers co
                             "(default: this host's address on the route to the orchestrator)")
 _ORPHAN_S = flags.DEFINE_float("orphan_s", 30.0, "exit after the orchestrator has been "
                                "unreachable this long")
+_REGISTER_TIMEOUT_S = flags.DEFINE_float("register_timeout_s", REGISTER_TIMEOUT_S,
+                                         "give up when the orchestrator has not accepted the "
+                                         "registration this long after the start")
 flags.mark_flag_as_required("orchestrator")
 
 
 def main(argv):
   del argv
   agent = Agent(_ORCHESTRATOR.value, _SLOTS.value, _PLATFORM.value, _HOST.value, _ORPHAN_S.value)
-  agent.register()
+  agent.register(_REGISTER_TIMEOUT_S.value)
   agent.serve()
 
 

@@ -3,12 +3,15 @@ orchestrator, start its worker processes as their own children and deliver its s
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
+from tarragon_jax.runtime.channel import Bound
 from tarragon_jax.runtime.cluster import AgentSpawner, split_address
 from tarragon_jax.runtime.remote import ProcessRuntime
 from tests.test_process_runtime import _check, _serve
@@ -69,7 +72,8 @@ def test_worker_processes_are_children_of_their_agent(agents):
   port, procs = agents
   spawner = AgentSpawner(f"127.0.0.1:{port}", hosts=2, timeout_s=120)
   try:
-    children = [spawner.spawn(slot, "") for slot in spawner.slots]
+    start = Bound(120.0, "test")  # a bound on a hung start, far above what one takes
+    children = [spawner.spawn(slot, "", start) for slot in spawner.slots]
     for child in children:
       child.ready()
     agent_pids = {p.pid for p in procs}
@@ -78,6 +82,12 @@ def test_worker_processes_are_children_of_their_agent(agents):
     children[0].stop()  # SIGKILL through the agent
     with pytest.raises(FileNotFoundError):
       _parent(children[0].pid)
+    # The agent tells a dead worker from a live one: a wait on the dead one can end at once.
+    children[1].signal(signal.SIGKILL)
+    deadline = time.perf_counter() + 60.0  # a bound on a hung test
+    while children[1].gone() is None and time.perf_counter() < deadline:
+      time.sleep(0.01)
+    assert "SIGKILL" in children[1].gone() and children[2].gone() is None
   finally:
     spawner.close()
 

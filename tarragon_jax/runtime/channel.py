@@ -3,7 +3,8 @@
 An `Endpoint` is a worker's inbox: a ROUTER socket for requests, and a second socket that
 nobody reads, for probes. A `Connection` is one client's link to one endpoint: requests carry
 an id and wait with a deadline (`result` returns None when the reply is late: the caller
-decides whether to probe; a `Pending` holds one reply to come), and `probe` reports whether the
+decides whether to probe; a `Pending` holds one reply to come, with a bound and a liveness
+check of its peer: a wait on a peer that is gone ends at once), and `probe` reports whether the
 peer answers ZeroMQ's own heartbeats (ZMTP PING/PONG) on the probe connection. Heartbeats are
 answered by libzmq's I/O thread, not by Python, so a worker that is busy compiling (holding the
 GIL) still answers, while a stopped (SIGSTOP) or killed (SIGKILL) one does not: the probe
@@ -21,13 +22,16 @@ address, and it works across hosts unchanged. Per-layer AW<->EW data could later
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import socket
 import time
+from collections.abc import Callable
 
 import zmq
 import zmq.utils.monitor
 
+from tarragon_jax.resilience.fault_domain import WorkerDead
 from tarragon_jax.runtime import wire
 
 
@@ -184,11 +188,36 @@ class RemoteError(RuntimeError):
   """A worker process failed to serve a call (its traceback is the message)."""
 
 
-class Pending:
-  """The reply to one request, read when it has arrived."""
+@dataclasses.dataclass(frozen=True)
+class Bound:
+  """How long a wait may last, and the setting a user changes to change it (named in the
+  error when the wait passes it)."""
 
-  def __init__(self, conn: Connection, rid: int, method: str):
+  seconds: float
+  setting: str  # e.g. "ResilienceConfig.warm_up_timeout_s"
+
+  def __post_init__(self):
+    if not self.seconds >= 0:
+      raise ValueError(f"Bound: seconds={self.seconds} for {self.setting} must be >= 0")
+
+
+def connection_lost(conn: Connection) -> Callable[[], str | None]:
+  """A liveness check for a peer known only by its connection: why it is gone, or None."""
+  return lambda: "its connection closed and its port refuses" if conn.disconnected() else None
+
+
+class Pending:
+  """The reply to one request from `peer`, read when it has arrived.
+
+  `result` waits at most `bound` (unless told another), in slices of `slice_s`; between
+  slices it asks `gone`, the peer's liveness check (None while the peer may still answer, else
+  why it never will), so that a wait on a dead peer ends at once instead of at its bound.
+  """
+
+  def __init__(self, conn: Connection, rid: int, method: str, peer: str, bound: Bound,
+               gone: Callable[[], str | None], slice_s: float = 0.01):
     self._conn, self._rid, self.method = conn, rid, method
+    self.peer, self.bound, self._gone, self._slice_s = peer, bound, gone, slice_s
     self._reply = None
 
   def arrived(self) -> bool:
@@ -196,14 +225,47 @@ class Pending:
       self._reply = self._conn.result(self._rid, 0.0)
     return self._reply is not None
 
-  def result(self, timeout_s: float = 600.0):
+  def result(self, timeout_s: float | None = None, what: str | None = None,
+             setting: str | None = None):
+    """The call's result.
+
+    Args:
+      timeout_s: the longest wait (None: this reply's own `bound`).
+      what: the operation, for errors (default "<peer>.<method>").
+      setting: the setting that `timeout_s` comes from, for errors.
+
+    Raises:
+      WorkerDead: the peer is gone (its process exited, its connection closed); at once, not
+        at the bound.
+      TimeoutError: no reply within the bound from a peer that is not known to be gone (a
+        stopped or stuck process); names the peer, the operation and the bound.
+      RemoteError: the call failed in the peer.
+    """
     if self._reply is None:
-      self._reply = self._conn.result(self._rid, timeout_s)
-      if self._reply is None:
-        raise TimeoutError(f"no reply to {self.method} within {timeout_s} s")
+      bound = self.bound if timeout_s is None else Bound(
+          timeout_s, setting or f"the timeout_s given for {self.method}")
+      self._reply = self._wait(bound, what or f"{self.peer}.{self.method}")
     if "error" in self._reply:
-      raise RemoteError(f"{self.method} failed in the worker process:\n{self._reply['error']}")
+      raise RemoteError(f"{self.method} failed in {self.peer}'s process:\n{self._reply['error']}")
     return self._reply.get("result")
+
+  def _wait(self, bound: Bound, what: str):
+    deadline = time.perf_counter() + bound.seconds
+    while True:
+      left = deadline - time.perf_counter()
+      reply = self._conn.result(self._rid, max(0.0, min(self._slice_s, left)))
+      if reply is not None:
+        return reply
+      why = self._gone()
+      if why is not None:
+        reply = self._conn.result(self._rid, 0.0)  # it may have answered just before it died
+        if reply is not None:
+          return reply
+        raise WorkerDead(f"{what}: {self.peer} is gone ({why}); no reply will come")
+      if left <= 0:
+        raise TimeoutError(f"{what}: no reply from {self.peer} within {bound.seconds:g} s "
+                           f"(set by {bound.setting}); its process is alive but silent "
+                           f"(stopped or stuck)")
 
   def ignore(self):
     if self._reply is None:

@@ -11,22 +11,35 @@ registered agents.
 
 Protocol (ZeroMQ requests, `tarragon_jax.runtime.channel`):
 - agent -> registry: {"op": "register", "host", "address", "probe_address", "slots"};
-- orchestrator -> agent: {"op": "spawn", "device", "compile_cache"} (replied once the worker
-  has bound its endpoint: {"pid", "address", "probe_address"}), {"op": "signal", "pid",
-  "sig"}, {"op": "exit"}.
+- orchestrator -> agent: {"op": "spawn", "device", "compile_cache", "start_timeout_s",
+  "start_setting"} (replied once the worker has bound its endpoint: {"result": {"pid",
+  "address", "probe_address"}}; an error if it exited first or was not ready within
+  `start_timeout_s`: the agent kills it), {"op": "signal", "pid", "sig"}, {"op": "gone", "pid"}
+  (None while the worker runs, else how it ended), {"op": "exit"}.
 """
 
 from __future__ import annotations
 
-import select
 import signal
 import socket
 import time
 
 from absl import logging
 
-from tarragon_jax.runtime.channel import Connection, Endpoint
+from tarragon_jax.resilience.fault_domain import WorkerDead
+from tarragon_jax.runtime.channel import (
+  Bound,
+  Connection,
+  Endpoint,
+  Pending,
+  RemoteError,
+  connection_lost,
+)
 from tarragon_jax.runtime.spawner import Child, SpawnError
+
+AGENT_REPLY_S = 10.0  # an agent's answer to a request it serves at once (beyond a start bound)
+GONE_EVERY_S = 0.1  # how often a wait on an agent's worker asks the agent whether it runs
+REGISTER_TIMEOUT_S = 600.0  # agents and the orchestrator wait this long for each other to start
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -53,7 +66,7 @@ class Registry:
     self.endpoint = Endpoint(host, port, port + 1)
     self.agents: list[dict] = []
 
-  def wait(self, count: int, timeout_s: float = 600.0) -> list[dict]:
+  def wait(self, count: int, timeout_s: float = REGISTER_TIMEOUT_S) -> list[dict]:
     """Blocks until `count` agents have registered; their registrations, in order."""
     deadline = time.perf_counter() + timeout_s
     while len(self.agents) < count:
@@ -92,7 +105,9 @@ class Agent:
     self.children: dict[int, Child] = {}
     self._starting: list[tuple[object, Child]] = []  # (spawn request, child) until READY
 
-  def register(self, timeout_s: float = 600.0):
+  def register(self, timeout_s: float):
+    """Registers with the orchestrator, waiting up to `timeout_s` for it (it may start after
+    its agents)."""
     reply = self.registry.call({"op": "register", "host": socket.gethostname(),
                                 "address": self.endpoint.address,
                                 "probe_address": self.endpoint.probe_address,
@@ -131,31 +146,38 @@ class Agent:
         self.endpoint.reply(request, {"error": f"device={device}; this agent has devices "
                                                f"0..{self.slots - 1}"})
       else:
+        start = Bound(msg["start_timeout_s"], msg["start_setting"])
         self._starting.append((request, Child(msg["compile_cache"], self.host, self.platform,
-                                              device)))
+                                              device, start)))
     elif op == "signal":
       child = self.children.get(msg["pid"])
       if child is not None:
         child.signal(msg["sig"])
-      self.endpoint.reply(request, {"ok": child is not None})
+      self.endpoint.reply(request, {"result": child is not None})
+    elif op == "gone":
+      child = self.children.get(msg["pid"])
+      self.endpoint.reply(request, {"result": "this host's agent does not know it"
+                                    if child is None else child.gone()})
     else:
-      self.endpoint.reply(request, {"error": f"unknown op {op!r}; use spawn, signal, exit"})
+      self.endpoint.reply(request, {"error": f"unknown op {op!r}; use spawn, signal, gone, "
+                                             f"exit"})
     return True
 
   def _answer_started(self):
-    """Replies to spawn requests whose process has printed its READY line."""
+    """Replies to spawn requests whose process has printed its READY line, has exited, or is
+    past its start bound (then it is killed)."""
     for request, child in list(self._starting):
-      readable, _, _ = select.select([child.proc.stdout], [], [], 0)
-      if not readable:
-        continue
-      self._starting.remove((request, child))
       try:
-        address, probe_address = child.ready()
+        addresses = child.started()
+        if addresses is None:
+          continue
         self.children[child.pid] = child
-        self.endpoint.reply(request, {"pid": child.pid, "address": address,
-                                      "probe_address": probe_address})
+        self.endpoint.reply(request, {"result": {"pid": child.pid, "address": addresses[0],
+                                                 "probe_address": addresses[1]}})
       except SpawnError as err:
+        child.stop()
         self.endpoint.reply(request, {"error": str(err)})
+      self._starting.remove((request, child))
 
   def close(self):
     for child in list(self.children.values()) + [c for _, c in self._starting]:
@@ -168,26 +190,72 @@ class AgentChild:
   """A worker process that an agent started on its host; signals go through the agent.
 
   Each child has its own connection to its agent (a ZeroMQ socket belongs to one thread at a
-  time, and children are started from the driver's and from replacement-builder threads)."""
+  time, and children are started from the driver's and from replacement-builder threads). The
+  agent enforces the start bound; the child's liveness is asked of the agent (at most once per
+  `GONE_EVERY_S`), and a gone agent means gone workers (they exit with it)."""
 
-  def __init__(self, agent: dict, device: int, compile_cache: str, where: str):
+  def __init__(self, agent: dict, device: int, compile_cache: str, where: str, start: Bound):
     self._agent = Connection(agent["address"], agent["probe_address"])
     self._rid = self._agent.send({"op": "spawn", "device": device,
-                                  "compile_cache": compile_cache})
-    self.where = where
+                                  "compile_cache": compile_cache,
+                                  "start_timeout_s": start.seconds,
+                                  "start_setting": start.setting})
+    self.where, self.start = where, start
     self.pid = None
+    self._agent_lost = connection_lost(self._agent)
+    self._gone: str | None = None
+    self._asking: Pending | None = None  # the agent's answer to come: does the worker run?
+    self._asked = 0.0
+
+  def _pending(self, rid: int, method: str, seconds: float) -> Pending:
+    return Pending(self._agent, rid, method, f"the host agent of {self.where}",
+                   Bound(seconds, "cluster.AGENT_REPLY_S"), self._agent_lost)
 
   def ready(self) -> tuple[str, str]:
-    reply = self._agent.result(self._rid, 300.0)
-    if reply is None or "error" in reply:
-      raise SpawnError(f"{self.where}: the worker process did not start "
-                       f"({'no reply in 300 s' if reply is None else reply['error']})")
+    """Waits for the agent's word that the process bound its endpoint; its addresses.
+
+    Raises:
+      SpawnError: the process exited, was not ready within its start bound (the agent kills
+        it then), or the agent is gone or silent.
+    """
+    try:
+      reply = self._pending(self._rid, "spawn", self.start.seconds + AGENT_REPLY_S).result()
+    except (RemoteError, WorkerDead, TimeoutError) as err:
+      raise SpawnError(f"{self.where}: the worker process did not start: {err}") from err
     self.pid = reply["pid"]
     return reply["address"], reply["probe_address"]
 
+  def gone(self) -> str | None:
+    """None while the process may run, else why it does not. Never waits: the agent is asked
+    in the background (at most once per `GONE_EVERY_S`), and its answer read on a later call."""
+    if self._gone is not None or self.pid is None:
+      return self._gone
+    if self._asking is not None and self._asking.arrived():
+      try:
+        self._gone = self._asking.result()
+      except RemoteError:
+        pass
+      self._asking = None
+    lost = self._agent_lost()
+    if self._gone is None and lost is not None:
+      self._gone = f"its host agent is gone ({lost}), and its workers with it"
+    now = time.perf_counter()
+    if self._gone is None and self._asking is None and now - self._asked >= GONE_EVERY_S:
+      self._asked = now
+      self._asking = self._pending(self._agent.send({"op": "gone", "pid": self.pid}), "gone",
+                                   AGENT_REPLY_S)
+    return self._gone
+
   def signal(self, sig: int):
-    if self.pid is not None:
-      self._agent.call({"op": "signal", "pid": self.pid, "sig": int(sig)}, 10.0)
+    if self.pid is None:
+      return
+    try:
+      self._pending(self._agent.send({"op": "signal", "pid": self.pid, "sig": int(sig)}),
+                    "signal", AGENT_REPLY_S).result()
+    except WorkerDead:
+      pass  # the agent is gone, and its workers with it
+    except (RemoteError, TimeoutError) as err:
+      logging.warning("%s: signal %d not confirmed: %s", self.where, sig, err)
 
   def stop(self):
     self.signal(signal.SIGKILL)
@@ -198,23 +266,24 @@ class AgentSpawner:
   """Worker processes on the hosts of `hosts` agents registered with a registry listening on
   `listen` (HOST:PORT; PORT+1 too); slot i is one device of one host, in registration order."""
 
-  def __init__(self, listen: str, hosts: int, timeout_s: float = 600.0):
+  def __init__(self, listen: str, hosts: int, timeout_s: float = REGISTER_TIMEOUT_S):
     self.registry = Registry(listen)
     self.agents = self.registry.wait(hosts, timeout_s)
     self._where = [(i, d) for i, a in enumerate(self.agents) for d in range(a["slots"])]
     self.slots = list(range(len(self._where)))
 
-  def spawn(self, slot: int | None, compile_cache: str) -> AgentChild:
+  def spawn(self, slot: int | None, compile_cache: str, start: Bound) -> AgentChild:
+    """A process on `slot`'s host and device, which must say READY within `start`."""
     if slot is None:
       raise ValueError("agents start device workers only; deviceless processes run locally")
     i, device = self._where[slot]
     return AgentChild(self.agents[i], device, compile_cache,
-                      f"agent {i} ({self.agents[i]['host']}) device {device}")
+                      f"agent {i} ({self.agents[i]['host']}) device {device}", start)
 
   def close(self):
     """Tells every agent to exit (their worker processes exit with them)."""
     for agent in self.agents:
       conn = Connection(agent["address"], agent["probe_address"])
-      conn.call({"op": "exit"}, 5.0)
+      conn.call({"op": "exit"}, AGENT_REPLY_S)
       conn.close()
     self.registry.close()

@@ -6,12 +6,14 @@ Prints `READY <address> <probe address>` once its endpoint is bound on ADDRESS (
 127.0.0.1), then serves (and exits when the process that started it is gone):
 - {"op": "init", "spec": {...}}: builds the worker: an AW or EW loads its weights with orbax
   (the same `AttentionWorker` / `ExpertWorker` classes the local runtime uses) on this
-  process's device; a store opens its durable tier (`SnapshotStore`);
+  process's device, refusing weights whose fingerprint is not the spec's; a store opens its
+  durable tier (`SnapshotStore`), and the process exits (code 70) if the store's thread dies;
 - {"op": "call", "method": m, "args": [...]}: calls the worker; device arrays in the result
   come back as host arrays (the driver moves them on to the next worker);
 - {"op": "cast", ...}: a call whose reply nobody reads (none is sent);
 - {"op": "attr", "name": a}: an attribute's value;
-- {"op": "mark"} (store): replied once the store has applied everything sent before it;
+- {"op": "mark"} (store): replied once the store has applied everything sent before it (with
+  its `bytes_in` then);
 - {"op": "exit"}.
 A failure to build or to serve a call is replied as {"error": "..."}.
 """
@@ -49,12 +51,27 @@ def to_host(x):
   return x
 
 
+EXIT_STORE_DIED = 70  # EX_SOFTWARE: the store's thread died
+
+
+def _store_died(err: BaseException):
+  """Ends the process when the store's thread dies (e.g. a durable-tier write failed): the
+  driver then sees a dropped connection, a certainty, instead of a store that answers probes
+  and applies nothing."""
+  print(f"snapshot store thread died: {err!r}", file=sys.stderr, flush=True)
+  traceback.print_exception(err, file=sys.stderr)
+  sys.stderr.flush()
+  os._exit(EXIT_STORE_DIED)
+
+
 def build(spec: dict):
   cfg = ModelConfig.from_dict(spec["config"])
   if spec["kind"] == "store":
-    return SnapshotStore(cfg, spec["directory"], **spec["options"])
+    return SnapshotStore(cfg, spec["directory"], **spec["options"], on_death=_store_died)
   cell = Cell(f"{spec['kind']}{spec['index']}", (jax.devices()[0],))
-  _, params = load_checkpoint(spec["weights_dir"], shardings=cell.replicated())
+  # `fingerprint`: the weights the driver serves; a checkpoint holding others is refused.
+  _, params = load_checkpoint(spec["weights_dir"], shardings=cell.replicated(),
+                              expect=spec.get("fingerprint"))
   if spec["kind"] == "aw":
     return AttentionWorker(spec["index"], cell, cfg, params, spec["slots"], Transfers(),
                            spec["snapshots"], host_inputs=True)
@@ -72,7 +89,7 @@ def serve(endpoint: Endpoint):
     request = endpoint.recv(timeout_s=0.001 if marks else None)
     for waiting in [m for m in marks if worker.caught_up(m[1])]:
       marks.remove(waiting)
-      endpoint.reply(waiting[0], {"result": True})
+      endpoint.reply(waiting[0], {"result": worker.bytes_in})
     if request is None:
       continue
     msg = request.message

@@ -20,7 +20,7 @@ import numpy as np
 from tarragon_jax import launch_config
 from tarragon_jax.mesh.cells import carve
 from tarragon_jax.resilience.fault_domain import FaultDomain, Health
-from tarragon_jax.runtime.channel import Connection, Pending, RemoteError
+from tarragon_jax.runtime.channel import Bound, Connection, Pending, RemoteError
 from tarragon_jax.runtime.remote_store import RemoteStore
 from tarragon_jax.runtime.spawner import LocalSpawner, SpawnError
 from tarragon_jax.serving import datapath
@@ -56,46 +56,76 @@ class HostTransfers:
     return trees
 
 
-class RemoteWorker(FaultDomain):
-  """A proxy for one worker process (`child`, from a spawner); methods return `Pending`."""
+def _bound(rc, field: str) -> Bound:
+  return Bound(getattr(rc, field), f"ResilienceConfig.{field}")
 
-  def __init__(self, kind: str, index: int, cell: ProcessCell, cfg, probe_s: float, child):
+
+class RemoteWorker(FaultDomain):
+  """A proxy for one worker process (`child`, from a spawner); methods return `Pending`.
+
+  Every reply is waited for with a bound from `resilience` (a `ResilienceConfig`: `init` by
+  `build_timeout_s`, `warm_up` by `warm_up_timeout_s`, any other call by the detection
+  deadline) and with the process's liveness: a wait on a worker whose process is gone ends at
+  once with `WorkerDead`.
+  """
+
+  def __init__(self, kind: str, index: int, cell: ProcessCell, cfg, resilience, child):
     self.kind, self.index, self.cell, self.cfg = kind, index, cell, cfg
     self.name = f"{kind}{index}"
-    self.probe_s = probe_s
+    detection = resilience.detection
+    self.probe_s = detection.probe_interval_s
+    self._bounds = {"init": _bound(resilience, "build_timeout_s"),
+                    "warm_up": _bound(resilience, "warm_up_timeout_s")}
+    self._deadline = Bound(detection.deadline_s, "DetectionConfig.deadline_s")
     self.child = child
     self.conn = None
 
   def connect(self):
-    """Waits for the process to bind its endpoint (Python and JAX start) and connects."""
+    """Waits for the process to bind its endpoint (Python and JAX start) and connects.
+
+    Raises:
+      SpawnError: the process exited first, or was not ready within its start bound.
+    """
     try:
       address, probe_address = self.child.ready()
     except SpawnError as err:
-      raise RemoteError(f"{self.name}: {err}") from err
+      raise SpawnError(f"{self.name}: {err}") from err
     # Heartbeats every half probe interval; three missed intervals drop the probe connection
     # (a worker starved of CPU on a busy host is not declared dead for one late PONG).
     self.conn = Connection(address, probe_address, heartbeat_s=self.probe_s / 2,
                            heartbeat_timeout_s=3 * self.probe_s)
 
+  def gone(self) -> str | None:
+    """None while the worker's process may still answer, else why it never will."""
+    why = self.child.gone()
+    if why is None and self.conn is not None and self.conn.disconnected():
+      why = "its connection closed and its port refuses"
+    return why
+
+  def _send(self, method: str, message: dict) -> Pending:
+    return Pending(self.conn, self.conn.send(message), method, self.name,
+                   self._bounds.get(method, self._deadline), self.gone,
+                   slice_s=self.probe_s)
+
   def request(self, method: str, *args) -> Pending:
-    return Pending(self.conn, self.conn.send({"op": "call", "method": method, "args": args}),
-                   method)
+    return self._send(method, {"op": "call", "method": method, "args": args})
 
   def init(self, spec: dict) -> Pending:
     """Has the process load its weights (orbax) and build its worker."""
-    return Pending(self.conn, self.conn.send({"op": "init", "spec": spec}), "init")
+    return self._send("init", {"op": "init", "spec": spec})
 
   # -- the worker interface ---------------------------------------------------------------------
 
   def put(self, array):
     return np.asarray(array)
 
-  def zeros(self, capacity: int):
-    return np.zeros((capacity, self.cfg.hidden_size), self.cfg.dtype)
+  def missing(self, capacity: int):
+    """An all-NaN [C, D] host array standing in for an EW that sent this AW nothing: a token
+    that reads it is poisoned (its request fails), never silently given a zero expert output."""
+    return np.full((capacity, self.cfg.hidden_size), np.nan, self.cfg.dtype)
 
   def empty_buffer(self, capacity: int):
     return datapath.empty_buffer(self.cfg, capacity)
-
 
   # -- faults are signals ----------------------------------------------------------------------
 
@@ -103,7 +133,9 @@ class RemoteWorker(FaultDomain):
     return self.conn.probe(self.probe_s)
 
   def disconnected(self) -> bool:
-    return self.conn.disconnected()
+    """True once the process is known to be gone (it exited, or its connection dropped and its
+    port refuses): a certainty, unlike a missed probe."""
+    return self.gone() is not None
 
   def kill(self):
     """SIGKILL (fail-stop); the driver still learns of it by detection."""
@@ -137,7 +169,11 @@ class ProcessRuntime:
   """Workers as processes, one device each: on this host (`LocalSpawner`, default) or on the
   hosts of registered agents (`AgentSpawner`). The snapshot store is a process on this host,
   with a standby process started ahead so that a new store is ready at once. Closing the
-  runtime stops its processes; the spawner belongs to the caller (it may serve several)."""
+  runtime stops its processes; the spawner belongs to the caller (it may serve several).
+
+  Every wait is bounded by the engine's `ResilienceConfig` (learned in `start_workers`, or
+  given to `new_store`) and ends at once when the process waited on is gone.
+  """
 
   remote = True
 
@@ -145,6 +181,7 @@ class ProcessRuntime:
     self.spawner = spawner or LocalSpawner()
     self.compile_cache = compile_cache
     self.workers: list[RemoteWorker] = []
+    self.resilience = None  # the engine's ResilienceConfig, once it has started workers
     self._store_spawner = LocalSpawner(0)
     self._standby_store = None
     self.stores: list[RemoteStore] = []
@@ -163,33 +200,83 @@ class ProcessRuntime:
     return self.start_workers(engine, [(kind, index, cell)])[0]
 
   def start_workers(self, engine, specs: list[tuple]) -> list[RemoteWorker]:
-    """Starts (kind, index, cell) workers side by side: all processes, then all inits."""
-    probe_s = engine.engine_cfg.resilience.detection.probe_interval_s
-    workers = [RemoteWorker(kind, index, cell, engine.cfg, probe_s,
-                            self.spawner.spawn(cell.devices[0], self.compile_cache))
-               for kind, index, cell in specs]
-    self.workers += workers
+    """Starts (kind, index, cell) workers side by side: all processes, then all inits.
+
+    Each process must say READY within `ResilienceConfig.start_timeout_s` and build its
+    worker within `build_timeout_s`. If any fails, every process of this call is stopped.
+
+    Raises:
+      SpawnError: a process exited before it was ready, or was not ready in time.
+      WorkerDead: a process died while it built its worker (named, with its exit code).
+      TimeoutError: a live process did not build its worker within `build_timeout_s`.
+      RemoteError: building the worker failed in its process (its traceback).
+    """
+    rc = engine.engine_cfg.resilience
+    self.resilience = rc
+    start = _bound(rc, "start_timeout_s")
     p = engine.placement
-    for w in workers:
-      w.connect()
-    inits = [w.init(dict(kind=w.kind, index=w.index, config=engine.cfg.to_dict(),
-                         weights_dir=engine.weights_dir, slots=engine.engine_cfg.slots_per_aw,
-                         snapshots=engine.engine_cfg.resilience.snapshots, num_ew=p.num_ew,
-                         slots_per_layer=p.slots_per_layer, contents=p.contents,
-                         replicas=p.replicas)) for w in workers]
-    for w, pending in zip(workers, inits):
-      try:
-        pending.result(600.0)
-      except (RemoteError, TimeoutError) as err:
-        raise RemoteError(f"{w.name}: init failed: {err}") from err
+    workers = []
+    try:
+      for kind, index, cell in specs:
+        workers.append(RemoteWorker(kind, index, cell, engine.cfg, rc,
+                                    self.spawner.spawn(cell.devices[0], self.compile_cache,
+                                                       start)))
+      self.workers += workers
+      for w in workers:
+        w.connect()
+      inits = [w.init(dict(kind=w.kind, index=w.index, config=engine.cfg.to_dict(),
+                           weights_dir=engine.weights_dir,
+                           fingerprint=engine.weights_fingerprint,
+                           slots=engine.engine_cfg.slots_per_aw, snapshots=rc.snapshots,
+                           num_ew=p.num_ew, slots_per_layer=p.slots_per_layer,
+                           contents=p.contents, replicas=p.replicas)) for w in workers]
+      for w, pending in zip(workers, inits):
+        try:
+          pending.result()
+        except RemoteError as err:
+          raise RemoteError(f"{w.name}: init failed: {err}") from err
+    except BaseException:
+      for w in workers:  # useless now: nobody gets their proxies
+        w.close()
+      raise
     return workers
 
-  def new_store(self, cfg, directory: str, options: dict, detection) -> RemoteStore:
-    """A snapshot store process (the standby, if one was started), and the next standby."""
-    child = self._standby_store or self._store_spawner.spawn(None, self.compile_cache)
-    self._standby_store = self._store_spawner.spawn(None, self.compile_cache)
-    store = RemoteStore(child, cfg, directory, options, detection)
+  def new_store(self, cfg, directory: str, options: dict, detection,
+                resilience=None) -> RemoteStore:
+    """A snapshot store process (the standby, if it still runs; else a new one), and the next
+    standby.
+
+    Args:
+      resilience: the `ResilienceConfig` whose `start_timeout_s` bounds the process's start
+        (default: the one `start_workers` was given).
+
+    Raises:
+      SpawnError: no store process could be started (the standby and a new one both failed).
+    """
+    rc = resilience or self.resilience
+    if rc is None:
+      raise ValueError("ProcessRuntime.new_store: pass resilience= (the ResilienceConfig whose "
+                       "start_timeout_s bounds the store's start), or start the workers first")
+    start = _bound(rc, "start_timeout_s")
+    standby, self._standby_store = self._standby_store, None
+    tries = ([("the standby", standby)] if standby is not None else []) + [("a new one", None)]
+    errors = []
+    for which, child in tries:
+      try:
+        child = child or self._store_spawner.spawn(None, self.compile_cache, start)
+        store = RemoteStore(child, cfg, directory, options, detection)
+        break
+      except (SpawnError, OSError) as err:
+        if child is not None:
+          child.stop()
+        errors.append(f"{which}: {err}")
+    else:
+      raise SpawnError(f"no snapshot store process could be started ({'; '.join(errors)})")
     self.stores.append(store)
+    try:
+      self._standby_store = self._store_spawner.spawn(None, self.compile_cache, start)
+    except OSError:  # no standby: the next store starts from scratch (or fails then)
+      self._standby_store = None
     return store
 
   def close(self):

@@ -5,7 +5,9 @@ as the local runtime. KV logs are cast to it (sent without a reply, never blocki
 path: a store that stopped draining makes the send fail, which the engine treats like a full
 queue); `mark` is a request that the store answers once it has applied everything sent before
 it, so a restore reads only committed state. Faults are signals to the process. Liveness is
-the probe connection's heartbeat: the store is probed at most once per probe interval.
+the process's exit status (certain: the store is this process's child) and the probe
+connection's heartbeat: the store is probed at most once per probe interval. A store whose
+thread dies ends its process (`host.py`), so that it is seen as gone, not as silent.
 """
 
 from __future__ import annotations
@@ -19,17 +21,28 @@ import zmq
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.resilience.detector import DetectionConfig
 from tarragon_jax.resilience.fault_domain import FaultDomain, WorkerDead
-from tarragon_jax.runtime.channel import Connection, Pending, RemoteError
+from tarragon_jax.runtime.channel import Bound, Connection, Pending, RemoteError
 
 
 class RemoteStore(FaultDomain):
-  """A snapshot store process; `child` is its (started) process handle."""
+  """A snapshot store process; `child` is its (started) process handle.
+
+  Every wait is bounded (`DetectionConfig.deadline_s` for a call, `probe_interval_s` for
+  `flushing`) and ends at once when the process is gone: `committed` and `restore_point` then
+  raise `WorkerDead`, `bytes_in` answers the last value the store gave and `flushing` False.
+  """
 
   def __init__(self, child, cfg: ModelConfig, directory: str, options: dict,
                detection: DetectionConfig, name: str = "store"):
-    """`options`: `SnapshotStore`'s keyword arguments (`ResilienceConfig.store_options`)."""
+    """`options`: `SnapshotStore`'s keyword arguments (`ResilienceConfig.store_options`).
+
+    Raises:
+      SpawnError: the process exited before it was ready, or was not ready within its start
+        bound.
+    """
     self.child, self.name, self.detection = child, name, detection
     probe = detection.probe_interval_s
+    self._deadline = Bound(detection.deadline_s, "DetectionConfig.deadline_s")
     address, probe_address = child.ready()
     self.conn = Connection(address, probe_address, heartbeat_s=probe / 2,
                            heartbeat_timeout_s=3 * probe)
@@ -39,17 +52,33 @@ class RemoteStore(FaultDomain):
     self._alive_at = time.perf_counter()
     self._stopped, self._bytes_in = False, None
 
-  def _request(self, message) -> Pending:
-    return Pending(self.conn, self.conn.send(message), message.get("method", message["op"]))
+  def _gone(self) -> str | None:
+    """None while the process may still answer, else why it never will."""
+    why = self.child.gone()
+    if why is None and self.conn.disconnected():
+      why = "its connection closed and its port refuses"
+    return why
 
-  def _ask(self, message, timeout_s: float):
-    """A request's result; WorkerDead if the store does not answer within `timeout_s`."""
+  def _request(self, message, bound: Bound | None = None) -> Pending:
+    return Pending(self.conn, self.conn.send(message), message.get("method", message["op"]),
+                   self.name, bound or self._deadline, self._gone,
+                   slice_s=self.detection.probe_interval_s)
+
+  def _ask(self, message, bound: Bound | None = None):
+    """A request's result.
+
+    Raises:
+      WorkerDead: the store is gone (at once), or did not answer within the bound.
+    """
     try:
-      return self._request(message).result(timeout_s)
+      return self._request(message, bound).result()
     except TimeoutError as err:
-      raise WorkerDead(f"{self.name}: {err}") from err
+      raise WorkerDead(str(err)) from err
 
   def _cast(self, method: str, *args):
+    why = self.child.gone()  # a cheap check (a child's exit status) on every send
+    if why is not None:
+      raise WorkerDead(f"{self.name} is gone ({why})")
     try:
       self.conn.send({"op": "cast", "method": method, "args": args}, block=False)
     except zmq.Again as err:
@@ -80,7 +109,9 @@ class RemoteStore(FaultDomain):
     return ok
 
   def disconnected(self) -> bool:
-    return self.conn.disconnected()
+    """True once the process is known to be gone (it exited, or its connection dropped and its
+    port refuses)."""
+    return self._gone() is not None
 
   def mark(self) -> Pending:
     """A reply that arrives once the store has applied everything sent so far."""
@@ -89,6 +120,7 @@ class RemoteStore(FaultDomain):
   def caught_up(self, mark: Pending) -> bool:
     if mark.arrived():
       self._check_init()
+      self._bytes_in = mark.result()  # the store's bytes_in as of the mark
       return True
     return False
 
@@ -102,27 +134,35 @@ class RemoteStore(FaultDomain):
 
   @property
   def flushing(self) -> bool:
-    """Whether a durable-tier write is in flight (False if the store does not answer at once)."""
+    """Whether a durable-tier write is in flight (False if the store is gone or does not
+    answer within a probe interval)."""
+    if self._gone() is not None:
+      return False
     try:
-      return bool(self._ask({"op": "attr", "name": "flushing"},
-                            self.detection.probe_interval_s))
+      return bool(self._ask({"op": "attr", "name": "flushing"}, Bound(
+          self.detection.probe_interval_s, "DetectionConfig.probe_interval_s")))
     except WorkerDead:
       return False
 
   @property
   def bytes_in(self) -> int | None:
-    """KV bytes the store has logged (as of `stop` once stopped; None if it never said)."""
-    if self._stopped:
-      return self._bytes_in
-    return self._ask({"op": "attr", "name": "bytes_in"}, self.detection.deadline_s)
+    """KV bytes the store has logged: asked if the store runs and answers within the deadline,
+    else the last value it gave (None if it never said); at once if it is gone or stopped."""
+    if not self._stopped and self._gone() is None:
+      self._read_bytes_in()
+    return self._bytes_in
+
+  def _read_bytes_in(self):
+    try:
+      self._bytes_in = self._ask({"op": "attr", "name": "bytes_in"})
+    except (WorkerDead, RemoteError):
+      pass  # the last value stands
 
   def committed(self, rid: int) -> int:
-    return self._ask({"op": "call", "method": "committed", "args": [rid]},
-                     self.detection.deadline_s)
+    return self._ask({"op": "call", "method": "committed", "args": [rid]})
 
   def restore_point(self, rid: int):
-    out = self._ask({"op": "call", "method": "restore_point", "args": [rid]},
-                    self.detection.deadline_s)
+    out = self._ask({"op": "call", "method": "restore_point", "args": [rid]})
     return None if out is None else tuple(out)
 
   # -- faults are signals ---------------------------------------------------------------------
@@ -135,14 +175,11 @@ class RemoteStore(FaultDomain):
     self.child.signal(signal.SIGSTOP)
 
   def stop(self):
-    """Ends the process (after reading its counters, if it answers)."""
+    """Ends the process (after reading its counters, if it is connected and answers)."""
     if self._stopped:
       return
-    if self.conn.probe(0.0):
-      try:
-        self._bytes_in = self.bytes_in
-      except WorkerDead:
-        pass
+    if self._gone() is None and self.conn.probe(0.0):
+      self._read_bytes_in()
     self._stopped = True
     self.child.stop()
     self.conn.close()

@@ -2,8 +2,10 @@
 
 A spawner turns a slot (one device) into a running `tarragon_jax.runtime.host` process and
 hands back a child handle: `ready()` waits for the process to bind its endpoint and returns its
-addresses, `signal(sig)` is how faults and fencing reach it (SIGKILL, SIGSTOP). Spawning and
-waiting are separate so that many processes start side by side.
+addresses (at most the start bound given to `spawn`, and not at all once the process has
+exited), `gone()` says whether and how the process ended, `signal(sig)` is how faults and
+fencing reach it (SIGKILL, SIGSTOP). Spawning and waiting are separate so that many processes
+start side by side.
 
 - `LocalSpawner`: every process on this host, as a child of this process.
 - `AgentSpawner` (`cluster.py`): processes on the hosts whose agents registered
@@ -17,12 +19,18 @@ slot is one process with one CPU device.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
+import time
+
+from tarragon_jax.runtime.channel import Bound
 
 WORKER = (sys.executable, "-m", "tarragon_jax.runtime.host")
 PLATFORMS = ("cpu", "cuda", "gpu", "rocm")
+_SLICE_S = 0.05  # how often a wait for READY checks that the process still runs
+_REAP_S = 5.0  # the longest wait for a SIGKILLed (or closing) child to be reaped
 
 
 class SpawnError(RuntimeError):
@@ -42,23 +50,93 @@ def worker_env(platform: str, device: int | None, shared: bool = False) -> dict:
   return env
 
 
+def describe_exit(code: int) -> str:
+  """A process's exit status (`Popen.returncode`) in words, e.g. "its process was ended by
+  SIGKILL (exit code -9)"."""
+  if code < 0:
+    try:
+      return f"its process was ended by {signal.Signals(-code).name} (exit code {code})"
+    except ValueError:
+      pass
+  return f"its process exited with code {code}"
+
+
 class Child:
-  """A worker process started by this process."""
+  """A worker process started by this process.
+
+  `start` bounds the time from its start to its READY line (Python and JAX imported, endpoint
+  bound); `proc.poll()` is certain evidence of its death, so `gone` and every wait use it.
+  """
 
   def __init__(self, compile_cache: str, host: str, platform: str, device: int | None,
-               shared: bool = False):
+               start: Bound, shared: bool = False):
     self.proc = subprocess.Popen(
         [*WORKER, f"--compile_cache={compile_cache}", f"--host={host}"],
         stdout=subprocess.PIPE, text=True, env=worker_env(platform, device, shared))
     self.pid = self.proc.pid
+    self.start = start
+    self._deadline = time.perf_counter() + start.seconds
+    self._out = b""  # stdout read so far, until the READY line
+    self._addresses: tuple[str, str] | None = None
 
   def ready(self) -> tuple[str, str]:
-    """Waits for the process to bind; its (request address, probe address)."""
-    line = self.proc.stdout.readline().split()
-    if len(line) != 3 or line[0] != "READY":
-      raise SpawnError(f"worker process {self.pid} did not start (exit code "
-                       f"{self.proc.poll()}, said {line})")
-    return line[1], line[2]
+    """Waits for the process to bind; its (request address, probe address).
+
+    Raises:
+      SpawnError: it exited first (its exit code named), said something else, or was not
+        ready within its start bound (a hung start: it is left running; `stop` it).
+    """
+    while True:
+      addresses = self.started(min(_SLICE_S, max(0.0, self._deadline - time.perf_counter())))
+      if addresses is not None:
+        return addresses
+
+  def started(self, wait_s: float = 0.0) -> tuple[str, str] | None:
+    """Its addresses once it has said READY, else None after waiting up to `wait_s`.
+
+    Raises:
+      SpawnError: as `ready`.
+    """
+    if self._addresses is not None:
+      return self._addresses
+    fd = self.proc.stdout.fileno()
+    if select.select([fd], [], [], wait_s)[0]:
+      chunk = os.read(fd, 4096)
+      self._out += chunk
+      if not chunk and b"\n" not in self._out:  # stdout closed before READY: it is ending
+        try:
+          self.proc.wait(timeout=_REAP_S)
+        except subprocess.TimeoutExpired:
+          pass
+        raise SpawnError(f"worker process {self.pid} closed its output without saying READY "
+                         f"({self._exit()})")
+    if b"\n" in self._out:
+      line = self._out.split(b"\n", 1)[0].decode(errors="replace").split()
+      if len(line) != 3 or line[0] != "READY":
+        raise SpawnError(f"worker process {self.pid} did not start: it said {line} instead of "
+                         f"READY ({self._exit()})")
+      why = self.gone()  # a READY line outlives its process in the pipe
+      if why is not None:
+        raise SpawnError(f"worker process {self.pid} said READY, then died: {why}")
+      self._addresses = (line[1], line[2])
+      return self._addresses
+    why = self.gone()
+    if why is not None:
+      raise SpawnError(f"worker process {self.pid} did not start: {why}")
+    if time.perf_counter() >= self._deadline:
+      raise SpawnError(f"worker process {self.pid} did not say READY within "
+                       f"{self.start.seconds:g} s (set by {self.start.setting}); it is alive "
+                       f"but stuck (or the host is overloaded)")
+    return None
+
+  def _exit(self) -> str:
+    why = self.gone()
+    return "it is still running" if why is None else why
+
+  def gone(self) -> str | None:
+    """None while the process runs (or is stopped), else how it ended."""
+    code = self.proc.poll()
+    return None if code is None else describe_exit(code)
 
   def alive(self) -> bool:
     return self.proc.poll() is None
@@ -67,7 +145,10 @@ class Child:
     if self.proc.poll() is None:
       self.proc.send_signal(sig)
       if sig == signal.SIGKILL:
-        self.proc.wait()
+        try:  # reaped at once, unless the kernel holds it (then `gone` sees it later)
+          self.proc.wait(timeout=_REAP_S)
+        except subprocess.TimeoutExpired:
+          pass
 
   def stop(self):
     self.signal(signal.SIGKILL)
@@ -89,12 +170,13 @@ class LocalSpawner:
     self.platform, self.host, self.devices = platform, host, devices
     self.slots = list(range(slots))
 
-  def spawn(self, slot: int | None, compile_cache: str) -> Child:
-    """A process for `slot` (None: a process without a device of its own, e.g. the store)."""
+  def spawn(self, slot: int | None, compile_cache: str, start: Bound) -> Child:
+    """A process for `slot` (None: a process without a device of its own, e.g. the store),
+    which must say READY within `start`."""
     if slot is not None and self.devices:
-      return Child(compile_cache, self.host, self.platform, slot % self.devices,
+      return Child(compile_cache, self.host, self.platform, slot % self.devices, start,
                    shared=len(self.slots) > self.devices)
-    return Child(compile_cache, self.host, self.platform, slot)
+    return Child(compile_cache, self.host, self.platform, slot, start)
 
   def close(self):
     pass
