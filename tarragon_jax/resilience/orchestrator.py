@@ -100,7 +100,7 @@ class Recovery:
     e, rc = self.e, self.e.engine_cfg.resilience
     self._store_gen += 1
     return e.runtime.new_store(e.cfg, os.path.join(e.store_dir, f"gen{self._store_gen}"),
-                               rc.store_options, rc.detection)
+                               rc.store_options, rc.detection, resilience=rc)
 
   def watch_store(self):
     """Declares a store failed that died (its thread or process ended), or that stopped

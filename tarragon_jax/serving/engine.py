@@ -180,9 +180,10 @@ class Engine(LayerExchange, Frontend):
       self._deliver()
       if self.idle:
         return
-      if not self.step():
-        pending = [self.requests[r].arrival for r in self.waiting]
-        time.sleep(max(0.0, min(min(pending, default=0.0) - time.perf_counter(), 1e-3)))
+      if not self.step():  # nothing to run: wait for an arrival or a replacement
+        now = time.perf_counter()
+        time.sleep(min([self.requests[r].arrival - now for r in self.waiting
+                        if self.requests[r].arrival > now] + [1e-3]))
     raise RuntimeError(f"engine not idle after {max_iterations} iterations")
 
   def settle(self, timeout_s: float = 30.0, durable: bool = True):
@@ -451,7 +452,7 @@ class Engine(LayerExchange, Frontend):
                for w in workers]
     bound = self.engine_cfg.resilience.warm_up_timeout_s
     for w, out in zip(workers, pending):
-      wait(out, bound, f"{w.name} warm_up")
+      wait(out, bound, f"{w.name} warm_up", setting="ResilienceConfig.warm_up_timeout_s")
 
   def close(self):
     """Waits (up to `ResilienceConfig.close_timeout_s`) for background recovery work, stops
