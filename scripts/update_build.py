@@ -22,7 +22,7 @@ PYPI = {  # import name -> PyPI distribution
     "tensorstore": "tensorstore", "hypothesis": "hypothesis", "ml_dtypes": "ml_dtypes",
 }
 LOCAL_TOPS = {"tarragon_jax", "experiments", "configs", "tests", "conftest", "hf_models",
-              "test_serve_launcher"}
+              "test_serve_launcher", "test_process_runtime"}
 
 
 def label(path: pathlib.Path) -> str:
