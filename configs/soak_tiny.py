@@ -6,7 +6,8 @@ and timeline.jsonl under `workdir`:
 
   PYTHONPATH=. python -m experiments.soak --config=configs/soak_tiny.py
 
-A quick look: `--config.duration_s=30`.
+A quick look: `--config.duration_s=30`. Under CPU load (false declarations of healthy workers are
+reported): `--config.burners=2`.
 """
 
 import ml_collections
@@ -31,4 +32,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.prompt_len = 10
   c.output_len = 64
   c.check_requests = 64  # a sample checked against the single-device greedy reference
+  c.burners = 0  # CPU-burner processes beside the run (load); they stop with it
   return c

@@ -4,13 +4,17 @@
 
 Every AW, EW and the snapshot store is its own process. One fault per `fault_every_s` (a random
 worker or the store, a random moment; SIGSTOP for `hang_fraction` of them, else SIGKILL; the
-slot comes back, as after a process crash) while a Poisson workload arrives for `duration_s`.
-Reports requests completed, tokens lost (must be 0), duplicates dropped, stall statistics per
-failure, and whether a sample of requests matches the single-device greedy reference.
+slot comes back, as after a process crash) while a Poisson workload arrives for `duration_s`,
+optionally beside `burners` CPU-burner processes (load; each stops by itself when this process
+is gone or after the longest the run can take). Reports requests completed, tokens lost (must be
+0), duplicates dropped, false declarations (workers declared failed that no fault touched),
+stall statistics per failure, and whether a sample of requests matches the single-device greedy
+reference. The config is checked before anything starts.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 
 import jax
@@ -39,6 +43,46 @@ _CACHE = flags.DEFINE_string(
     "Persistent compilation cache directory ('' = off).")
 
 
+def check_config(cd):
+  """Refuses a config that cannot run, before anything starts.
+
+  Raises:
+    ValueError: naming the field and what it must be.
+  """
+  def need(ok: bool, field: str, what: str):
+    if not ok:
+      raise ValueError(f"soak: {field}={cd[field]!r}; {what}")
+
+  need(cd.duration_s > 0, "duration_s", "the serving time must be > 0 s")
+  need(cd.fault_every_s > 0, "fault_every_s",
+       "one fault per this many seconds must be > 0 (a run without faults: set it above "
+       "duration_s)")
+  need(0 <= cd.hang_fraction <= 1, "hang_fraction", "the share of SIGSTOPs must be in [0, 1]")
+  need(cd.rate > 0, "rate", "arrivals per second must be > 0")
+  need(isinstance(cd.burners, int) and cd.burners >= 0, "burners",
+       "the number of CPU-burner processes must be an integer >= 0")
+  need(cd.check_requests >= 0, "check_requests", "must be >= 0")
+
+
+def false_declarations(timeline) -> list[dict]:
+  """Workers declared failed that no fault touched: each fault fired at a worker (and not
+  ignored because it was not running) accounts for that worker's next declaration."""
+  owed = collections.Counter()
+  unexplained = []
+  events = timeline.of("fault") + timeline.of("fault_ignored") + timeline.of("declared_failed")
+  for ev in sorted(events, key=lambda e: e["t"]):
+    if ev["event"] == "fault" and ev["kind"] in ("kill", "hang"):
+      owed[ev["worker"]] += 1
+    elif ev["event"] == "fault_ignored" and owed[ev["worker"]]:
+      owed[ev["worker"]] -= 1
+    elif ev["event"] == "declared_failed":
+      if owed[ev["worker"]]:
+        owed[ev["worker"]] -= 1
+      else:
+        unexplained.append(ev)
+  return unexplained
+
+
 def schedule(cd, rng) -> list[Fault]:
   workers = ([f"aw{i}" for i in range(cd.num_aw)] + [f"ew{i}" for i in range(cd.num_ew)]
              + ["store"])
@@ -53,6 +97,7 @@ def schedule(cd, rng) -> list[Fault]:
 def main(argv):
   del argv
   cd = _CONFIG.value
+  check_config(cd)
   launch_config.enable_compile_cache(_CACHE.value)
   workdir = launch_config.make_workdir(_WORKDIR.value or cd.workdir)
   cfg = launch_config.model_config(cd)
@@ -65,13 +110,17 @@ def main(argv):
                                             slots_per_aw=cd.slots_per_aw,
                                             shadows_per_expert=cd.shadows_per_expert),
                   runtime=ProcessRuntime(LocalSpawner(cd.slots), _CACHE.value))
+  timeout_s = cd.duration_s * 4 + 120
   try:
     engine.warm_up([1, 16])
     faults = schedule(cd, rng)
     engine.arm_faults(faults)
-    logging.info("soak: %d requests over %.0f s, %d faults", n, cd.duration_s, len(faults))
-    result = wl.replay(engine, work, timeout_s=cd.duration_s * 4 + 120)
-    engine.recovery.wait_for_replacements()
+    with launch_config.cpu_burners(cd.burners, timeout_s + 600):
+      logging.info("soak: %d requests over %.0f s, %d faults, %d burners", n, cd.duration_s,
+                   len(faults), cd.burners)
+      result = wl.replay(engine, work, timeout_s=timeout_s)
+      loadavg = os.getloadavg()[0]  # over the last minute of serving
+      engine.recovery.wait_for_replacements()
   finally:
     engine.close()
 
@@ -89,8 +138,13 @@ def main(argv):
   engine.timeline.write_jsonl(os.path.join(workdir, "timeline.jsonl"), result.start)
   launch_config.write_jsonl(os.path.join(workdir, "results.jsonl"), stalls)
   gaps = [s["max_request_gap_s"] for s in stalls if s["in_flight"]]
+  false = false_declarations(engine.timeline)
   summary = dict(result.summary(engine), faults=len(stalls),
                  declared=len(engine.timeline.of("declared_failed")),
+                 false_declarations=len(false),
+                 falsely_declared=[dict(worker=e["worker"], how=e["how"],
+                                        t=round(e["t"] - result.start, 3)) for e in false],
+                 burners=cd.burners, loadavg_1min=round(loadavg, 2),
                  replacements=len(engine.timeline.of("replacement_joined")),
                  store_restarts=len(engine.timeline.of("store_started")),
                  tokens_lost=lost, duplicates_dropped=duplicates, mismatches=mismatches,
@@ -99,11 +153,13 @@ def main(argv):
                  max_request_gap_s_max=max(gaps, default=None))
   launch_config.write_summary(workdir, summary, cd)
   print(f"soak: {summary['completed']}/{summary['requests']} requests, {len(stalls)} faults "
-        f"({summary['declared']} declared, {summary['replacements']} replacements, "
+        f"({summary['declared']} declared, {len(false)} of them false, "
+        f"{summary['replacements']} replacements, "
         f"{summary['store_restarts']} store restarts), tokens "
         f"lost {lost}, duplicates dropped {duplicates}, mismatches {mismatches}; max request "
         f"gap per failure: median {summary['max_request_gap_s_median']}, max "
-        f"{summary['max_request_gap_s_max']} s; sample == reference: {match} -> {workdir}")
+        f"{summary['max_request_gap_s_max']} s; sample == reference: {match}; {cd.burners} "
+        f"burners, load average {loadavg:.1f} -> {workdir}")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,14 @@ every launcher's outputs look the same.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Iterable
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
@@ -160,3 +163,25 @@ def make_spawner(cd: ml_collections.ConfigDict):
   if cd.runtime == "process":
     return LocalSpawner(cd.slots, cd.platform, devices=cd.devices)
   return AgentSpawner(cd.listen, cd.hosts)
+
+
+# A CPU burner: it stops by itself when its parent is gone or after `argv[1]` seconds, so that a
+# launcher killed outright leaves no load behind.
+_BURNER = """import os, sys, time
+parent, end = os.getppid(), time.monotonic() + float(sys.argv[1])
+while os.getppid() == parent and time.monotonic() < end:
+  sum(i * i for i in range(10000))
+"""
+
+
+@contextlib.contextmanager
+def cpu_burners(n: int, limit_s: float) -> Iterator[list[subprocess.Popen]]:
+  """`n` CPU-burner processes (load beside a measurement) for the duration of the block, each
+  stopping by itself after `limit_s` at the latest."""
+  procs = [subprocess.Popen([sys.executable, "-c", _BURNER, str(limit_s)]) for _ in range(n)]
+  try:
+    yield procs
+  finally:
+    for p in procs:
+      p.kill()
+      p.wait()

@@ -392,7 +392,8 @@ BAD_REQUESTS = [
   (Request((), 3), r"the prompt is empty"),
   (Request((1, 2), 0), r"max_new_tokens=0 must be an int >= 1"),
   (Request((1, 2), -3), r"max_new_tokens=-3 must be an int >= 1"),
-  (Request((1, 2), 4, stop_tokens=(300,)), r"stop tokens \[300\] are outside the vocabulary \[0, 128\)"),
+  (Request((1, 2), 4, stop_tokens=(300,)),
+   r"stop tokens \[300\] are outside the vocabulary \[0, 128\)"),
 ]
 
 

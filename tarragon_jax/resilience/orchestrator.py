@@ -32,12 +32,10 @@ class Recovery:
   def __init__(self, engine):
     self.e = engine
     self._pending_loss: dict[str, int] = {}
-    self._store_probe: float | None = None
     self._store_gen = 0
     self._base_pending = False
     self._store_retry_at: float | None = None  # when to try starting a store again
     self._last_probe = 0.0
-    self._unanswered: dict[str, float] = {}  # worker -> when its first probe went unanswered
     self.restores: list[dict] = []
 
   @property
@@ -114,15 +112,7 @@ class Recovery:
                               "died" + (f": {cause!r}" if cause is not None else ""))
       self.store_failed()
       return
-    lag = store.lag_s()
-    if lag < probe or store.probe():
-      self._store_probe = None
-      return
-    now = time.perf_counter()
-    if self._store_probe is None:
-      self._store_probe = now
-    elif now - self._store_probe >= probe:
-      self.e.detector.declare(store, now - lag, "probe unanswered")
+    if store.lag_s() >= probe and self.e.detector.watch(store):  # behind, and silent
       self.store_failed()
 
   def store_failed(self):
@@ -183,7 +173,8 @@ class Recovery:
 
   def probe_idle(self):
     """Probes every member once per probe interval, so that a worker that dies while it has
-    no data to send is found too; one unanswered for an interval is declared failed."""
+    no data to send is found too; the detector declares one whose probes stay unanswered for
+    its suspicion timeout (`Detector.watch`)."""
     e, now = self.e, time.perf_counter()
     interval = e.engine_cfg.resilience.detection.probe_interval_s
     if now - self._last_probe < interval:
@@ -193,13 +184,7 @@ class Recovery:
       for i, w in enumerate(workers):
         if (e.slot_owner[i] is None) if kind == "aw" else (i in e.failed_ews):
           continue
-        if w.probe():
-          self._unanswered.pop(w.name, None)
-          continue
-        first = self._unanswered.setdefault(w.name, now)
-        if now - first >= interval:
-          del self._unanswered[w.name]
-          e.detector.declare(w, first, "idle probe unanswered")
+        if e.detector.watch(w, now):
           if kind == "aw":
             self.aw_failed(i, 0)
           else:
