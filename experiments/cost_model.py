@@ -124,7 +124,7 @@ def _failure_run(cd, shape, params, weights_dir, spawner, mode: str, kind: str) 
   events = [e for e in engine.events if e.request_id in set(ids)]  # not the untimed batch
   record = dict(run=f"{mode}_{kind}", mode=mode, fault=kind, token_index=i,
                 layer=cd.fault_layer, requests=cd.requests, prompt_len=P,
-                **stall_summary(events, fault_t))
+                **stall_summary(events, fault_t, {r: engine.requests[r].arrival for r in ids}))
   record.update({k: s[k] for k in ("restores", "reprefills", "restore_bytes", "restore_s_max",
                                    "recomputed_tokens", "recomputed_token_layers",
                                    "uncommitted_tail_tokens")})

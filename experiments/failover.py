@@ -101,7 +101,7 @@ def _run(cd, cfg, params, weights_dir, work, reference, mode: str, fault: str, w
                 tokens_match_fault_free=True if reference is None else outputs == reference)
   faults = engine.timeline.of("fault")
   if faults:
-    record.update(stall_summary(events, faults[0]["t"]))
+    record.update(stall_summary(events, faults[0]["t"], result.arrivals(engine)))
     record.update({k: s[k] for k in ("detection_s", "restores", "reprefills", "restore_bytes",
                                      "restore_s_max", "recomputed_token_layers",
                                      "uncommitted_tail_tokens")})
@@ -236,9 +236,9 @@ def _report(runs: list[dict], throughput: list[dict], cd) -> dict:
   ratios = {}
   for kind in ("aw", "ew"):
     t, g = by["tarragon", kind], by["global_restart", kind]
-    if not (t["in_flight"] and g["in_flight"]):
+    if not (t["held"] and g["held"]):
       ratios[kind] = None
-      print(f"{kind.upper()} failure: no request was in flight at the fault; no ratio")
+      print(f"{kind.upper()} failure: no request waited at the fault; no ratio")
       continue
     # None where Tarragon's value is 0 (no request waited beyond its usual token gap).
     ratios[kind] = {k: g[k] / t[k] if t[k] > 0 else None

@@ -85,7 +85,7 @@ def _run(name: str, spec: str, recovery: str, cd, cfg, params, weights_dir, work
     engine.close()
   outputs = [engine.tokens(r) for r in result.ids]
   events, tl, s = result.events(engine), engine.timeline, engine.summary()
-  faults = tl.of("fault")
+  arrivals, faults = result.arrivals(engine), tl.of("fault")
 
   def rel(t: float) -> float:
     return round(t - result.start, 4)
@@ -107,9 +107,9 @@ def _run(name: str, spec: str, recovery: str, cd, cfg, params, weights_dir, work
       **{k: s[k] for k in ("restores", "reprefills", "recomputed_tokens", "table_epoch")},
       restart_phases=s.get("restarts", []))
   if faults:
-    record.update(stall_summary(events, faults[0]["t"]))
+    record.update(stall_summary(events, faults[0]["t"], arrivals))
     record["per_fault"] = [dict(worker=f["worker"], t=rel(f["t"]),
-                                **stall_summary(events, f["t"])) for f in faults]
+                                **stall_summary(events, f["t"], arrivals)) for f in faults]
     record["worst_service_stall_s"] = max(p["service_stall_s"] for p in record["per_fault"])
   tl.write_jsonl(os.path.join(workdir, f"timeline_{name}.jsonl"), result.start)
   return record, outputs
@@ -199,7 +199,7 @@ def _report(records: list[dict], scenarios: dict, cd) -> dict:
             f"{len(r['replacements_joined']):>6}{r['completed']:>4}/{r['requests']:<3}  "
             f"{r['tokens_match_fault_free']!s:<11}{'; '.join(notes)}")
     t, g = runs[(scenario, "tarragon")], runs[(scenario, "global_restart")]
-    if not (t.get("in_flight") and g.get("in_flight")):
+    if not (t.get("held") and g.get("held")):
       ratios[scenario] = None
       continue
     ratios[scenario] = dict(
@@ -211,7 +211,7 @@ def _report(records: list[dict], scenarios: dict, cd) -> dict:
   for k, v in ratios.items():
     print(f"{k:<16}baseline / Tarragon: " + (", ".join(
         f"{m.replace('_', ' ')} {x:.0f}x" if x else f"{m.replace('_', ' ')} -"
-        for m, x in v.items()) if v else "no request in flight at the first fault"))
+        for m, x in v.items()) if v else "no request waited at the first fault"))
   return dict(runs=records, stall_ratios=ratios,
               every_request_completed=all(r["completed"] == r["requests"] for r in records),
               all_tokens_match_fault_free=all(r["tokens_match_fault_free"] for r in records[1:]))

@@ -113,7 +113,7 @@ def _serve(cd, cfg, params, engine, faults, workdir, compiles_at_start):
   resilience_summary = engine.summary()
   summary.update({k: v for k, v in resilience_summary.items() if k not in summary})
   summary["stalls"] = [dict(worker=f["worker"], kind=f["kind"], **stall_summary(
-      result.events(engine), f["t"])) for f in engine.timeline.of("fault")]
+      result.events(engine), f["t"], result.arrivals(engine))) for f in engine.timeline.of("fault")]
   engine.timeline.write_jsonl(os.path.join(workdir, "timeline.jsonl"), result.start)
   outputs = [engine.tokens(r) for r in result.ids]
 

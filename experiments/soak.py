@@ -128,8 +128,8 @@ def main(argv):
   lost = sum(r.max_new_tokens - len(o) for (_, r), o in zip(work, outputs))
   duplicates = sum(engine.streams[r].duplicates for r in result.ids)
   mismatches = sum(len(engine.streams[r].mismatches) for r in result.ids)
-  events = result.events(engine)
-  stalls = [dict(worker=f["worker"], kind=f["kind"], **stall_summary(events, f["t"]))
+  events, arrivals = result.events(engine), result.arrivals(engine)
+  stalls = [dict(worker=f["worker"], kind=f["kind"], **stall_summary(events, f["t"], arrivals))
             for f in engine.timeline.of("fault")]
   sample = sorted(rng.choice(len(work), min(cd.check_requests, len(work)), replace=False))
   expected = reference_greedy(params, cfg, [work[i][1].prompt for i in sample],
@@ -137,7 +137,7 @@ def main(argv):
   match = all(outputs[i] == want for i, want in zip(sample, expected))
   engine.timeline.write_jsonl(os.path.join(workdir, "timeline.jsonl"), result.start)
   launch_config.write_jsonl(os.path.join(workdir, "results.jsonl"), stalls)
-  gaps = [s["max_request_gap_s"] for s in stalls if s["in_flight"]]
+  gaps = [s["max_request_gap_s"] for s in stalls if s["held"]]
   false = false_declarations(engine.timeline)
   summary = dict(result.summary(engine), faults=len(stalls),
                  declared=len(engine.timeline.of("declared_failed")),

@@ -64,45 +64,59 @@ def latency_summary(arrivals: dict[int, float], events: list[TokenEvent]) -> dic
   )
 
 
-def stall_summary(events: list[TokenEvent], fault_time: float,
+def stall_summary(events: list[TokenEvent], fault_time: float, arrivals: dict[int, float],
                   requests: set[int] | None = None) -> dict:
   """Stalls caused by a failure at `fault_time` (perf_counter seconds), as the paper defines them.
 
-  The requests in flight at the fault are those with a token before it and a token after it
-  (optionally only those in `requests`). Recovery ends at R, when each of them has delivered a
-  new token.
+  The requests the failure held up (optionally only those in `requests`): every request that
+  had arrived by the fault and got a token after it (in flight, or admitted and queued with no
+  token yet), and every request that arrived after the fault but before service resumed (the
+  first token after the fault, from any request): a restart that leaves only queued or newly
+  arriving requests waiting stalls them all the same. Recovery ends at R, when each of them has
+  delivered a token after the fault.
+
+  Args:
+    arrivals: request id -> arrival time (perf_counter seconds) of every request of the run.
 
   Returns:
-    service_stall_s: the longest interval with zero output tokens (from any request) that
-      ends after the fault and starts before R.
-    max_request_gap_s: the longest gap between consecutive tokens of one in-flight request
-      across the fault; max_request_stall_s: that gap minus the request's median TBT before
-      the fault (the extra wait the failure caused).
+    held: how many requests the failure held up (0: nothing waited, every stall is 0).
+    service_stall_s: the longest interval with zero output tokens (from any request) while a
+      held request waited, that ends after the fault and starts before R.
+    max_request_gap_s: the longest wait of one held request across the fault, from its last
+      token before the fault (or its arrival, if later) to its next token;
+      max_request_stall_s: that gap minus the request's median TBT before the fault (the
+      run's, for one with fewer than two tokens before it): the extra wait the failure caused.
     tbt_before_s: median gap between consecutive tokens of a request, before the fault.
     recovered_after_s: R - fault_time.
   """
   by_request: dict[int, list[float]] = {}
   for ev in sorted(events, key=lambda e: (e.request_id, e.index)):
     by_request.setdefault(ev.request_id, []).append(ev.time)
-  in_flight = {r: t for r, t in by_request.items()
-               if t[0] < fault_time < t[-1] and (requests is None or r in requests)}
+  merged = sorted(ev.time for ev in events)
+  resumed = merged[int(np.searchsorted(merged, fault_time, side="right"))] if (
+      merged and merged[-1] > fault_time) else float("inf")
+  held = {r: (t, arrivals[r]) for r, t in by_request.items()
+          if (requests is None or r in requests) and t[-1] > fault_time
+          and arrivals[r] <= resumed}
   before = [b - a for t in by_request.values() for a, b in zip(t, t[1:]) if b < fault_time]
   tbt = float(np.median(before)) if before else float("nan")
-  out = dict(in_flight=len(in_flight), tbt_before_s=tbt, service_stall_s=0.0,
+  out = dict(held=len(held), tbt_before_s=tbt, service_stall_s=0.0,
              max_request_gap_s=0.0, max_request_stall_s=0.0, recovered_after_s=0.0)
-  if not in_flight:
+  if not held:
     return out
-  recovered = 0.0
-  for t in in_flight.values():
-    i = int(np.searchsorted(t, fault_time))  # first token after the fault
-    gap = t[i] - t[i - 1]
+  recovered, waiting_from = 0.0, float("inf")
+  for t, arrival in held.values():
+    i = int(np.searchsorted(t, fault_time, side="right"))  # first token after the fault
+    since = max(t[i - 1], arrival) if i else arrival
     own = [b - a for a, b in zip(t[:i], t[1:i])]
     base = float(np.median(own)) if own else tbt
+    gap = t[i] - since
     out["max_request_gap_s"] = max(out["max_request_gap_s"], gap)
-    out["max_request_stall_s"] = max(out["max_request_stall_s"], gap - base)
-    recovered = max(recovered, t[i])
+    out["max_request_stall_s"] = max(out["max_request_stall_s"],
+                                     gap - (0.0 if np.isnan(base) else base))
+    recovered, waiting_from = max(recovered, t[i]), min(waiting_from, since)
   out["recovered_after_s"] = recovered - fault_time
-  merged = sorted(ev.time for ev in events)
-  gaps = [b - a for a, b in zip(merged, merged[1:]) if b > fault_time and a < recovered]
+  points = [waiting_from] + [x for x in merged if x > waiting_from]
+  gaps = [b - a for a, b in zip(points, points[1:]) if b > fault_time and a < recovered]
   out["service_stall_s"] = max(gaps, default=0.0)
   return out

@@ -180,12 +180,16 @@ class ReplayResult:
     mine = set(self.ids)
     return [e for e in engine.events if e.request_id in mine]
 
+  def arrivals(self, engine) -> dict[int, float]:
+    """Request id -> arrival time (perf_counter seconds) of this run's requests."""
+    return {r: engine.requests[r].arrival for r in self.ids}
+
   def summary(self, engine) -> dict:
     """requests, completed, output_tokens, throughput and TTFT/TBT percentiles of this run."""
     states = [engine.requests[r] for r in self.ids]
     out = dict(requests=len(states), completed=sum(s.done for s in states),
                wall_s=self.end - self.start)
-    out.update(latency_summary({s.id: s.arrival for s in states}, self.events(engine)))
+    out.update(latency_summary(self.arrivals(engine), self.events(engine)))
     return out
 
 
