@@ -14,7 +14,7 @@ own: `--failover_summary=runs/failover_tiny/summary.json` (of experiments/failov
 import ml_collections
 
 from configs import tiny
-from tarragon_jax import launch_config
+from experiments import launch_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.failover_token_index = 1
   c.flag_threshold = 0.3  # flag |predicted / measured - 1| above this
   # Extrapolation: i = 1..max_token_index; requests in flight per AW (the paper: 50 req/s of
-  # ~3.5 s each over 8 AWs is ~20; 16 fills 16 slots); Assumptions in tarragon_jax/cost_model.py.
+  # ~3.5 s each over 8 AWs is ~20; 16 fills 16 slots); Assumptions in experiments/stall_model.py.
   c.max_token_index = 512
   c.in_flight_per_aw = 16
   c.deepseek_num_ew = 8  # 8 AW + 8 EW as in the paper: 82 GB of FP8 experts per EW (H200)

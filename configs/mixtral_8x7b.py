@@ -4,12 +4,12 @@ Real weights come from a Hugging Face checkpoint (`tarragon_jax.load_hf_checkpoi
 states the architecture those weights must match. Check that it is a valid ModelConfig with:
 
   PYTHONPATH=. python -c "from configs import mixtral_8x7b as m; \
-from tarragon_jax.launch_config import model_config; print(model_config(m.get_config()))"
+from experiments.launch_config import model_config; print(model_config(m.get_config()))"
 """
 
 import ml_collections
 
-from tarragon_jax.launch_config import model_dict
+from experiments.launch_config import model_dict
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -4,12 +4,12 @@ r"""Qwen3-30B-A3B's shape (bf16), for GPU machines; never instantiated as parame
 Hugging Face checkpoint (`tarragon_jax.load_hf_checkpoint`). Check that it is a valid ModelConfig:
 
   PYTHONPATH=. python -c "from configs import qwen3_moe as m; \
-from tarragon_jax.launch_config import model_config; print(model_config(m.get_config()))"
+from experiments.launch_config import model_config; print(model_config(m.get_config()))"
 """
 
 import ml_collections
 
-from tarragon_jax.launch_config import model_dict
+from experiments.launch_config import model_dict
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -16,7 +16,7 @@ flip), beyond `kv_atol`, though the greedy tokens still agree.
 import ml_collections
 
 from configs import tiny
-from tarragon_jax.launch_config import model_dict
+from experiments.launch_config import model_dict
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:

@@ -15,7 +15,7 @@ hosts: `--config.runtime=cluster` (README, "Several hosts").
 import ml_collections
 
 from configs import tiny
-from tarragon_jax import launch_config
+from experiments import launch_config
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -9,7 +9,7 @@ Any field can be overridden, e.g. `--config.model.num_layers=4 --config.batch_si
 
 import ml_collections
 
-from tarragon_jax.launch_config import model_dict
+from experiments.launch_config import model_dict
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -36,21 +36,15 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX use: AW and EW cells are carved
 
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, logging  # noqa: E402
 
 import tarragon_jax as tj  # noqa: E402
-from tarragon_jax import launch_config  # noqa: E402
+from experiments import launch_config  # noqa: E402
 from tarragon_jax.checkpoint import save_checkpoint  # noqa: E402
-from tarragon_jax.mesh.cells import CellPlan  # noqa: E402
 from tarragon_jax.resilience.detector import DetectionConfig  # noqa: E402
-from tarragon_jax.serving.engine import Engine, EngineConfig, ResilienceConfig  # noqa: E402
+from tarragon_jax.serving.engine import Engine, ResilienceConfig  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/ablation_tiny.py", "Config.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default: the config's workdir.")
-_CACHE = flags.DEFINE_string(
-    "compile_cache", launch_config.DEFAULT_COMPILE_CACHE,
-    "Persistent compilation cache directory ('' = off).")
+_CONFIG, _WORKDIR, _CACHE = launch_config.define_flags("configs/ablation_tiny.py")
 
 REFERENCE, BASELINE = "all_on", "global_restart"
 
@@ -88,10 +82,8 @@ def _engine(cd, cfg, params, weights_dir, s: dict) -> tuple[Engine, float]:
                         weights_dir=weights_dir,
                         detection=DetectionConfig(probe_interval_s=probe,
                                                   deadline_s=max(10.0, 2 * probe)))
-  engine = Engine(cfg, params, EngineConfig(plan=CellPlan(cd.num_aw, cd.num_ew),
-                                            slots_per_aw=cd.slots_per_aw,
-                                            shadows_per_expert=s["shadows_per_expert"],
-                                            resilience=rc))
+  engine = Engine(cfg, params, launch_config.engine_config(
+      cd, shadows_per_expert=s["shadows_per_expert"], resilience=rc))
   start = time.perf_counter()
   engine.warm_up([1, engine.bucket(cd.prompt_len)])  # the only step lengths a closed loop runs
   return engine, time.perf_counter() - start

@@ -30,21 +30,16 @@ import signal
 import time
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
 
-from tarragon_jax import launch_config
+from experiments import launch_config
 from tarragon_jax.resilience.detector import DetectionConfig, Detector
 from tarragon_jax.runtime.channel import Bound, Pending
 from tarragon_jax.runtime.remote import ProcessCell, RemoteWorker
 from tarragon_jax.runtime.spawner import LocalSpawner
 from tarragon_jax.serving.engine_config import ResilienceConfig
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_detection.py", "Config.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default: the config's workdir.")
-_CACHE = flags.DEFINE_string(
-    "compile_cache", launch_config.DEFAULT_COMPILE_CACHE,
-    "Persistent compilation cache directory for the worker processes ('' = off).")
+_CONFIG, _WORKDIR, _CACHE = launch_config.define_flags("configs/bench_detection.py")
 
 
 class Peer(RemoteWorker):

@@ -27,20 +27,14 @@ jax.config.update("jax_num_cpu_devices", 8)  # before any JAX use: AW and EW cel
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app  # noqa: E402
 
 import tarragon_jax as tj  # noqa: E402
-from tarragon_jax import launch_config  # noqa: E402
-from tarragon_jax.mesh.cells import CellPlan  # noqa: E402
-from tarragon_jax.serving.engine import Engine, EngineConfig  # noqa: E402
-from tarragon_jax.serving.requests import Request  # noqa: E402
+from experiments import launch_config  # noqa: E402
+from tarragon_jax.serving.engine import Engine  # noqa: E402
+from tarragon_jax.worker.requests import Request  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_engine.py", "Bench config.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default: the config's workdir.")
-_CACHE = flags.DEFINE_string(
-    "compile_cache", launch_config.DEFAULT_COMPILE_CACHE,
-    "Persistent compilation cache directory ('' = off).")
+_CONFIG, _WORKDIR, _CACHE = launch_config.define_flags("configs/bench_engine.py")
 
 PHASES = ("attend", "send_to_ew", "experts", "send_to_aw", "combine")
 
@@ -134,9 +128,7 @@ def main(argv):
   workdir = launch_config.make_workdir(_WORKDIR.value or cd.workdir)
   cfg = launch_config.model_config(cd)
   params = tj.init_params(cfg, jax.random.key(cd.seed))
-  plan = CellPlan(cd.num_aw, cd.num_ew, cd.devices_per_aw, cd.devices_per_ew)
-  engine = Engine(cfg, params, EngineConfig(plan=plan, slots_per_aw=cd.slots_per_aw,
-                                            shadows_per_expert=cd.shadows_per_expert))
+  engine = Engine(cfg, params, launch_config.engine_config(cd))
   device = engine.cells.aw[0].devices[0]  # the co-located model gets one device of the eight
   col_params = jax.device_put(params, device)
   B, steps, L = cd.num_aw * cd.slots_per_aw, cd.decode_steps, cfg.num_layers

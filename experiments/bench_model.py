@@ -23,14 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, logging
 
 import tarragon_jax as tj
-from tarragon_jax import launch_config
+from experiments import launch_config
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Model and benchmark shape.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default: the config's workdir.")
+_CONFIG, _WORKDIR, _ = launch_config.define_flags("configs/tiny.py", cache=False)
 
 # transformers 5.x renamed the KV-cache argument and output field from `past_key_values` to `cache`.
 _HF_FORWARD_ARGS = inspect.signature(transformers.MixtralForCausalLM.forward).parameters

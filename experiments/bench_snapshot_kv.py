@@ -24,15 +24,13 @@ jax.config.update("jax_num_cpu_devices", 8)  # before any JAX use: the engine's 
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app  # noqa: E402
 
 import tarragon_jax as tj  # noqa: E402
-from tarragon_jax import launch_config  # noqa: E402
-from tarragon_jax.serving import datapath  # noqa: E402
+from experiments import launch_config  # noqa: E402
+from tarragon_jax.worker import datapath  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_snapshot_kv.py", "Config.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default: the config's workdir.")
+_CONFIG, _WORKDIR, _ = launch_config.define_flags("configs/bench_snapshot_kv.py", cache=False)
 VARIANTS = ("off", "library", "gather")
 
 

@@ -18,17 +18,12 @@ import signal
 import time
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
 
-from tarragon_jax import launch_config
+from experiments import launch_config
 from tarragon_jax.runtime.channel import Connection, Endpoint
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_transport.py", "Config.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default: the config's workdir.")
-_CACHE = flags.DEFINE_string(
-    "compile_cache", launch_config.DEFAULT_COMPILE_CACHE,
-    "Persistent compilation cache directory for the peers ('' = off).")
+_CONFIG, _WORKDIR, _CACHE = launch_config.define_flags("configs/bench_transport.py")
 
 
 def _jax_peer(cache: str):

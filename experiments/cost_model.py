@@ -3,7 +3,7 @@
   PYTHONPATH=. python -m experiments.cost_model --config=configs/cost_model_tiny.py
 
 1. Calibrates the terms (T_w, t_pre, t_dec, restore, ...) on this machine for the config's
-   engine shape (`tarragon_jax.cost_model.calibrate`).
+   engine shape (`experiments.stall_model.calibrate`).
 2. Measures four failure stalls: an AW and an EW kill, each with Tarragon and with the global
    restart, on a closed batch (`requests` prompts at once, the kill at layer `fault_layer` of
    decode iteration `fault_token_index`), `failure_reps` times each, with every step timed so
@@ -34,28 +34,21 @@ jax.config.update("jax_num_cpu_devices", 8)  # before any JAX use: AW and EW cel
 
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 import tarragon_jax as tj  # noqa: E402
-from tarragon_jax import cost_model as cm  # noqa: E402
-from tarragon_jax import launch_config  # noqa: E402
+from experiments import launch_config  # noqa: E402
+from experiments import stall_model as cm  # noqa: E402
 from tarragon_jax.checkpoint import save_checkpoint  # noqa: E402
 from tarragon_jax.config import ModelConfig  # noqa: E402
-from tarragon_jax.mesh.cells import CellPlan  # noqa: E402
-from tarragon_jax.resilience.detector import DetectionConfig  # noqa: E402
 from tarragon_jax.resilience.faults import Fault  # noqa: E402
 from tarragon_jax.runtime.remote import ProcessRuntime  # noqa: E402
 from tarragon_jax.runtime.spawner import LocalSpawner  # noqa: E402
-from tarragon_jax.serving.buckets import bucket  # noqa: E402
-from tarragon_jax.serving.engine import Engine, EngineConfig, ResilienceConfig  # noqa: E402
+from tarragon_jax.serving.engine import Engine, EngineConfig  # noqa: E402
 from tarragon_jax.serving.metrics import stall_summary  # noqa: E402
-from tarragon_jax.serving.requests import Request  # noqa: E402
+from tarragon_jax.worker.buckets import bucket  # noqa: E402
+from tarragon_jax.worker.requests import Request  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/cost_model_tiny.py", "Config.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default: the config's workdir.")
-_CACHE = flags.DEFINE_string(
-    "compile_cache", launch_config.DEFAULT_COMPILE_CACHE,
-    "Persistent compilation cache directory ('' = off).")
+_CONFIG, _WORKDIR, _CACHE = launch_config.define_flags("configs/cost_model_tiny.py")
 _SUMMARY = flags.DEFINE_string(
     "failover_summary", None, "summary.json of experiments/failover.py (or resilience.py): "
     "compare with its runs instead of running failures here.")
@@ -83,12 +76,8 @@ def _shape(cd, summary: dict | None) -> dict:
 
 
 def _engine_cfg(shape, recovery: str, snapshots: bool, weights_dir: str) -> EngineConfig:
-  rc = ResilienceConfig(recovery=recovery, snapshots=snapshots, weights_dir=weights_dir,
-                        flush_interval_s=shape["flush_interval_s"],
-                        detection=DetectionConfig(probe_interval_s=shape["probe_interval_s"]))
-  return EngineConfig(plan=CellPlan(shape["num_aw"], shape["num_ew"]),
-                      slots_per_aw=shape["slots_per_aw"],
-                      shadows_per_expert=shape["shadows_per_expert"], resilience=rc)
+  return launch_config.engine_config(shape, resilience=dict(
+      recovery=recovery, snapshots=snapshots, weights_dir=weights_dir))
 
 
 def _runtime(spawner):

@@ -30,25 +30,18 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX use: AW and EW cells are carved
 
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, logging  # noqa: E402
 
 import tarragon_jax as tj  # noqa: E402
-from tarragon_jax import launch_config  # noqa: E402
+from experiments import launch_config  # noqa: E402
+from experiments import workload as wl  # noqa: E402
 from tarragon_jax.checkpoint import save_checkpoint  # noqa: E402
-from tarragon_jax.mesh.cells import CellPlan  # noqa: E402
-from tarragon_jax.resilience.detector import DetectionConfig  # noqa: E402
 from tarragon_jax.resilience.faults import parse_faults  # noqa: E402
 from tarragon_jax.runtime.remote import ProcessRuntime  # noqa: E402
-from tarragon_jax.serving import workload as wl  # noqa: E402
-from tarragon_jax.serving.engine import Engine, EngineConfig, ResilienceConfig  # noqa: E402
+from tarragon_jax.serving.engine import Engine  # noqa: E402
 from tarragon_jax.serving.metrics import compile_count, stall_summary  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/failover_tiny.py", "Config.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default: the config's workdir.")
-_CACHE = flags.DEFINE_string(
-    "compile_cache", launch_config.DEFAULT_COMPILE_CACHE,
-    "Persistent compilation cache directory ('' = off). Both policies get it.")
+_CONFIG, _WORKDIR, _CACHE = launch_config.define_flags("configs/failover_tiny.py")
 _BIN_S = 0.25
 MODES = ("tarragon", "global_restart")
 FAULTS = ("none", "aw", "ew")
@@ -61,15 +54,11 @@ def _engine(cd, cfg, params, weights_dir, recovery: str, snapshots: bool, spawne
   `fault_free`: it only serves the throughput batch, so only its decode step and the prompts'
   prefill bucket are compiled up front (a rebuild then takes ~0.05 s instead of ~0.3 s).
   """
-  rc = ResilienceConfig(recovery=recovery, snapshots=snapshots, weights_dir=weights_dir,
-                        flush_interval_s=cd.flush_interval_s,
-                        detection=DetectionConfig(probe_interval_s=cd.probe_interval_s))
-  plan = CellPlan(cd.num_aw, cd.num_ew)
   # The MegaScale-like baseline holds no shadow experts: it restarts everything on a failure.
   shadows = cd.shadows_per_expert if recovery == "tarragon" else 0
-  engine = Engine(cfg, params, EngineConfig(plan=plan, slots_per_aw=cd.slots_per_aw,
-                                            shadows_per_expert=shadows,
-                                            resilience=rc),
+  ec = launch_config.engine_config(cd, shadows_per_expert=shadows, resilience=dict(
+      recovery=recovery, snapshots=snapshots, weights_dir=weights_dir))
+  engine = Engine(cfg, params, ec,
                   runtime=None if spawner is None else ProcessRuntime(spawner, _CACHE.value))
   if fault_free:
     engine.warm_up([1, engine.bucket(cd.workload.prompt_len)])

@@ -21,22 +21,15 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX use: AW and EW cells are carved
 
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, logging  # noqa: E402
 
 import tarragon_jax as tj  # noqa: E402
-from tarragon_jax import launch_config  # noqa: E402
-from tarragon_jax.mesh.cells import CellPlan  # noqa: E402
-from tarragon_jax.resilience.detector import DetectionConfig  # noqa: E402
-from tarragon_jax.serving import workload as wl  # noqa: E402
-from tarragon_jax.serving.engine import Engine, EngineConfig, ResilienceConfig  # noqa: E402
+from experiments import launch_config  # noqa: E402
+from experiments import workload as wl  # noqa: E402
+from tarragon_jax.serving.engine import Engine  # noqa: E402
 from tarragon_jax.serving.metrics import compile_count  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/latency_tiny.py", "Config.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default: the config's workdir.")
-_CACHE = flags.DEFINE_string(
-    "compile_cache", launch_config.DEFAULT_COMPILE_CACHE,
-    "Persistent compilation cache directory ('' = off). Both modes get it.")
+_CONFIG, _WORKDIR, _CACHE = launch_config.define_flags("configs/latency_tiny.py")
 
 # mode -> (recovery, snapshots): Tarragon as it serves, and the baseline as MegaScale-Infer runs.
 MODES = {"tarragon": ("tarragon", True), "baseline": ("global_restart", False)}
@@ -80,13 +73,8 @@ def _workload(cd, cfg, kind: str, rate: float) -> wl.Workload:
 
 def _engine(cd, cfg, params, weights_dir, mode: str) -> Engine:
   recovery, snapshots = MODES[mode]
-  rc = ResilienceConfig(recovery=recovery, snapshots=snapshots, weights_dir=weights_dir,
-                        detection=DetectionConfig(probe_interval_s=cd.probe_interval_s))
-  plan = CellPlan(cd.num_aw, cd.num_ew, cd.devices_per_aw, cd.devices_per_ew)
-  return Engine(cfg, params, EngineConfig(plan=plan, slots_per_aw=cd.slots_per_aw,
-                                          shadows_per_expert=cd.shadows_per_expert,
-                                          min_prefill_bucket=cd.min_prefill_bucket,
-                                          resilience=rc))
+  return Engine(cfg, params, launch_config.engine_config(cd, resilience=dict(
+      recovery=recovery, snapshots=snapshots, weights_dir=weights_dir)))
 
 
 def _sweep(cd, cfg, params, weights_dir, kind: str) -> tuple[list[dict], dict]:

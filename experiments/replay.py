@@ -32,23 +32,18 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, logging
 
 import tarragon_jax as tj
-from tarragon_jax import launch_config
+from experiments import launch_config
 from tarragon_jax.mesh.transfer import Transfers
 from tarragon_jax.resilience.snapshot_store import SnapshotStore
-from tarragon_jax.serving import datapath
-from tarragon_jax.serving.buckets import bucket
 from tarragon_jax.serving.metrics import compile_count
-from tarragon_jax.serving.workers import RESTORE_BUCKET
+from tarragon_jax.worker import datapath
+from tarragon_jax.worker.buckets import bucket
+from tarragon_jax.worker.workers import RESTORE_BUCKET
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/replay_tiny.py", "Config.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default: the config's workdir.")
-_CACHE = flags.DEFINE_string(
-    "compile_cache", launch_config.DEFAULT_COMPILE_CACHE,
-    "Persistent compilation cache directory ('' = off).")
+_CONFIG, _WORKDIR, _CACHE = launch_config.define_flags("configs/replay_tiny.py")
 
 METHODS = ("restore", "sequential_replay", "parallel_replay")
 PAPER = ("paper (Mixtral-8x7B, H200): restore up to 1800x faster than sequential replay, ~10x "

@@ -22,21 +22,17 @@ jax.config.update("jax_num_cpu_devices", 8)  # before any JAX use: AW and EW cel
 
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 import tarragon_jax as tj  # noqa: E402
-from tarragon_jax import launch_config  # noqa: E402
-from tarragon_jax.mesh.cells import CellPlan  # noqa: E402
-from tarragon_jax.resilience.detector import DetectionConfig  # noqa: E402
+from experiments import launch_config  # noqa: E402
+from experiments import workload as wl  # noqa: E402
 from tarragon_jax.resilience.faults import parse_faults  # noqa: E402
 from tarragon_jax.runtime.remote import ProcessRuntime  # noqa: E402
-from tarragon_jax.serving import workload as wl  # noqa: E402
-from tarragon_jax.serving.engine import Engine, EngineConfig, ResilienceConfig  # noqa: E402
+from tarragon_jax.serving.engine import Engine  # noqa: E402
 from tarragon_jax.serving.metrics import compile_count, stall_summary  # noqa: E402
 from tarragon_jax.serving.reference import reference_greedy  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/serve_tiny.py", "Serving config.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default: the config's workdir.")
+_CONFIG, _WORKDIR, _ = launch_config.define_flags("configs/serve_tiny.py", cache=False)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Orbax checkpoint directory; its model replaces config.model.")
 _CACHE = flags.DEFINE_string(
@@ -58,17 +54,11 @@ def main(argv):
   else:
     cfg = launch_config.model_config(cd)
     params = tj.init_params(cfg, jax.random.key(cd.seed))
-  plan = CellPlan(cd.num_aw, cd.num_ew, cd.devices_per_aw, cd.devices_per_ew)
   faults = parse_faults(cd.faults)  # a bad schedule fails here, before any work
-  resilience = ResilienceConfig(recovery=cd.recovery, snapshots=cd.snapshots,
-                                weights_dir=_weights_dir(cd, cfg, params),
-                                detection=DetectionConfig(probe_interval_s=cd.probe_interval_s))
+  ec = launch_config.engine_config(cd, resilience=dict(weights_dir=_weights_dir(cd, cfg, params)))
   spawner = launch_config.make_spawner(cd)
   try:
-    engine = Engine(cfg, params, EngineConfig(plan=plan, slots_per_aw=cd.slots_per_aw,
-                                              shadows_per_expert=cd.shadows_per_expert,
-                                              min_prefill_bucket=cd.min_prefill_bucket,
-                                              resilience=resilience),
+    engine = Engine(cfg, params, ec,
                     runtime=None if spawner is None else ProcessRuntime(spawner, _CACHE.value))
     _serve(cd, cfg, params, engine, faults, workdir, compiles_at_start)
   finally:

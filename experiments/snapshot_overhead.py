@@ -31,22 +31,16 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX use: AW and EW cells are carved
 
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, logging  # noqa: E402
 
 import tarragon_jax as tj  # noqa: E402
-from tarragon_jax import launch_config  # noqa: E402
+from experiments import launch_config  # noqa: E402
 from tarragon_jax.checkpoint import save_checkpoint  # noqa: E402
-from tarragon_jax.mesh.cells import CellPlan  # noqa: E402
 from tarragon_jax.resilience.snapshot_store import SnapshotStore  # noqa: E402
-from tarragon_jax.serving.engine import Engine, EngineConfig, ResilienceConfig  # noqa: E402
-from tarragon_jax.serving.requests import Request  # noqa: E402
+from tarragon_jax.serving.engine import Engine  # noqa: E402
+from tarragon_jax.worker.requests import Request  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/snapshot_overhead_tiny.py", "Config.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default: the config's workdir.")
-_CACHE = flags.DEFINE_string(
-    "compile_cache", launch_config.DEFAULT_COMPILE_CACHE,
-    "Persistent compilation cache directory ('' = off).")
+_CONFIG, _WORKDIR, _CACHE = launch_config.define_flags("configs/snapshot_overhead_tiny.py")
 VARIANTS = ("off", "incremental", "pause")
 _POLL_S = 1e-4  # how often a waiter checks whether the store has caught up
 
@@ -119,12 +113,8 @@ def _drain(store: SnapshotStore) -> float:
 
 
 def _engine(cd, cfg, params, weights_dir: str, snapshots: bool) -> Engine:
-  rc = ResilienceConfig(snapshots=snapshots, weights_dir=weights_dir,
-                        flush_interval_s=cd.flush_interval_s)
-  engine = Engine(cfg, params, EngineConfig(plan=CellPlan(cd.num_aw, cd.num_ew),
-                                            slots_per_aw=cd.slots_per_aw,
-                                            shadows_per_expert=cd.shadows_per_expert,
-                                            resilience=rc))
+  engine = Engine(cfg, params, launch_config.engine_config(cd, resilience=dict(
+      snapshots=snapshots, weights_dir=weights_dir)))
   engine.warm_up([1, engine.bucket(cd.prompt_len)])  # decode and the prompts' bucket
   return engine
 

@@ -14,7 +14,6 @@ reference. The config is checked before anything starts.
 
 from __future__ import annotations
 
-import collections
 import os
 
 import jax
@@ -22,25 +21,19 @@ import jax
 jax.config.update("jax_num_cpu_devices", 1)  # the driver computes nothing; workers do
 
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, logging  # noqa: E402
 
 import tarragon_jax as tj  # noqa: E402
-from tarragon_jax import launch_config  # noqa: E402
-from tarragon_jax.mesh.cells import CellPlan  # noqa: E402
+from experiments import launch_config  # noqa: E402
+from experiments import workload as wl  # noqa: E402
 from tarragon_jax.resilience.faults import Fault  # noqa: E402
 from tarragon_jax.runtime.remote import ProcessRuntime  # noqa: E402
 from tarragon_jax.runtime.spawner import LocalSpawner  # noqa: E402
-from tarragon_jax.serving import workload as wl  # noqa: E402
-from tarragon_jax.serving.engine import Engine, EngineConfig  # noqa: E402
+from tarragon_jax.serving.engine import Engine  # noqa: E402
 from tarragon_jax.serving.metrics import stall_summary  # noqa: E402
 from tarragon_jax.serving.reference import reference_greedy  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/soak_tiny.py", "Config.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default: the config's workdir.")
-_CACHE = flags.DEFINE_string(
-    "compile_cache", launch_config.DEFAULT_COMPILE_CACHE,
-    "Persistent compilation cache directory ('' = off).")
+_CONFIG, _WORKDIR, _CACHE = launch_config.define_flags("configs/soak_tiny.py")
 
 
 def check_config(cd):
@@ -62,25 +55,6 @@ def check_config(cd):
   need(isinstance(cd.burners, int) and cd.burners >= 0, "burners",
        "the number of CPU-burner processes must be an integer >= 0")
   need(cd.check_requests >= 0, "check_requests", "must be >= 0")
-
-
-def false_declarations(timeline) -> list[dict]:
-  """Workers declared failed that no fault touched: each fault fired at a worker (and not
-  ignored because it was not running) accounts for that worker's next declaration."""
-  owed = collections.Counter()
-  unexplained = []
-  events = timeline.of("fault") + timeline.of("fault_ignored") + timeline.of("declared_failed")
-  for ev in sorted(events, key=lambda e: e["t"]):
-    if ev["event"] == "fault" and ev["kind"] in ("kill", "hang"):
-      owed[ev["worker"]] += 1
-    elif ev["event"] == "fault_ignored" and owed[ev["worker"]]:
-      owed[ev["worker"]] -= 1
-    elif ev["event"] == "declared_failed":
-      if owed[ev["worker"]]:
-        owed[ev["worker"]] -= 1
-      else:
-        unexplained.append(ev)
-  return unexplained
 
 
 def schedule(cd, rng) -> list[Fault]:
@@ -106,9 +80,7 @@ def main(argv):
   n = max(1, int(cd.rate * cd.duration_s))
   work = wl.make_workload("random", cfg, num_requests=n, rate=cd.rate, seed=cd.seed,
                           prompt_len=cd.prompt_len, output_len=cd.output_len)
-  engine = Engine(cfg, params, EngineConfig(plan=CellPlan(cd.num_aw, cd.num_ew),
-                                            slots_per_aw=cd.slots_per_aw,
-                                            shadows_per_expert=cd.shadows_per_expert),
+  engine = Engine(cfg, params, launch_config.engine_config(cd),
                   runtime=ProcessRuntime(LocalSpawner(cd.slots), _CACHE.value))
   timeout_s = cd.duration_s * 4 + 120
   try:
@@ -138,7 +110,7 @@ def main(argv):
   engine.timeline.write_jsonl(os.path.join(workdir, "timeline.jsonl"), result.start)
   launch_config.write_jsonl(os.path.join(workdir, "results.jsonl"), stalls)
   gaps = [s["max_request_gap_s"] for s in stalls if s["held"]]
-  false = false_declarations(engine.timeline)
+  false = engine.timeline.unexplained_declarations()
   summary = dict(result.summary(engine), faults=len(stalls),
                  declared=len(engine.timeline.of("declared_failed")),
                  false_declarations=len(false),

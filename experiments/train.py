@@ -15,15 +15,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, logging
 
 import tarragon_jax as tj
-from tarragon_jax import launch_config
+from experiments import launch_config
 from tarragon_jax.training import adamw, eval_loss, stdlib_bytes, train_step, windows
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/train_tiny.py", "Training config.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default: the config's workdir.")
+_CONFIG, _WORKDIR, _ = launch_config.define_flags("configs/train_tiny.py", cache=False)
 
 
 def main(argv):

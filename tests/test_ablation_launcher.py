@@ -4,7 +4,7 @@ import json
 
 from test_serve_launcher import _run
 
-from tarragon_jax import launch_config
+from experiments import launch_config
 
 VARIANTS = {"all_on", "no_snapshots", "no_shadows", "no_probing", "no_durable_tier",
             "no_replacements", "all_off", "global_restart"}

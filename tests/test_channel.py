@@ -9,9 +9,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from tarragon_jax.resilience.fault_domain import WorkerDead
 from tarragon_jax.runtime import wire
 from tarragon_jax.runtime.channel import Bound, Connection, Endpoint, Pending
+from tarragon_jax.worker.fault_domain import WorkerDead
 
 PROBE_S = 0.01
 
@@ -154,7 +154,7 @@ def test_pending_returns_a_reply_that_came_before_its_peer_died(peers):
 def test_bench_transport_measures_both_transports_and_detection(tmp_path):
   from test_serve_launcher import _run
 
-  from tarragon_jax import launch_config
+  from experiments import launch_config
 
   out = _run("experiments.bench_transport", "--config=configs/bench_transport.py",
              f"--workdir={tmp_path}", "--config.reps=20")

@@ -10,8 +10,8 @@ import pytest
 from test_serve_launcher import _run
 
 from configs import mixtral_8x7b
-from tarragon_jax import cost_model as cm
-from tarragon_jax import launch_config
+from experiments import launch_config
+from experiments import stall_model as cm
 
 
 def test_baseline_stalls_are_table_1_by_hand():

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from tarragon_jax.resilience.detector import DetectionConfig, Detector, SystemClock, WorkerTimeout
-from tarragon_jax.resilience.fault_domain import FaultDomain, WorkerDead
 from tarragon_jax.resilience.faults import Fault, FaultInjector, parse_faults
+from tarragon_jax.worker.fault_domain import FaultDomain, WorkerDead
 
 PROBE = 0.01
 POLL = 1e-4

@@ -19,14 +19,14 @@ import tarragon_jax as tj
 from tarragon_jax.layers.params import ExpertParams
 from tarragon_jax.mesh.cells import CellPlan
 from tarragon_jax.mesh.transfer import Transfers
-from tarragon_jax.resilience.placement import place
 from tarragon_jax.resilience.routing_table import RoutingTable
-from tarragon_jax.serving import datapath
 from tarragon_jax.serving.engine import Engine, EngineConfig
 from tarragon_jax.serving.metrics import compile_count
 from tarragon_jax.serving.reference import reference_greedy
-from tarragon_jax.serving.requests import Request
-from tarragon_jax.serving.workers import ExpertWorker, ew_weights
+from tarragon_jax.worker import datapath
+from tarragon_jax.worker.placement import place
+from tarragon_jax.worker.requests import Request
+from tarragon_jax.worker.workers import ExpertWorker, ew_weights
 
 TINY = dict(
   vocab_size=128,

@@ -4,7 +4,7 @@ import json
 
 from test_serve_launcher import SMALL_CLUSTER, _run
 
-from tarragon_jax import launch_config
+from experiments import launch_config
 
 
 def test_serve_injects_faults_from_its_flag_and_keeps_greedy_parity(tmp_path):

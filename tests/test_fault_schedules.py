@@ -20,7 +20,7 @@ from tarragon_jax.resilience.faults import Fault
 from tarragon_jax.runtime.remote import ProcessRuntime
 from tarragon_jax.runtime.spawner import LocalSpawner
 from tarragon_jax.serving.engine import Engine, EngineConfig, ResilienceConfig
-from tarragon_jax.serving.requests import Request
+from tarragon_jax.worker.requests import Request
 
 CFG = tj.ModelConfig(family="mixtral", vocab_size=128, hidden_size=32, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=8, num_experts=8, top_k=2, expert_hidden=64,

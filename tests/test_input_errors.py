@@ -15,9 +15,9 @@ from safetensors.numpy import save_file
 import tarragon_jax as tj
 from tarragon_jax.hf_import import config_from_hf
 from tarragon_jax.resilience import faults
-from tarragon_jax.resilience.placement import place
 from tarragon_jax.resilience.routing_table import RoutingTable
-from tarragon_jax.serving.requests import Request
+from tarragon_jax.worker.placement import place
+from tarragon_jax.worker.requests import Request
 
 # -- requests ---------------------------------------------------------------------------------
 

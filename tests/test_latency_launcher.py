@@ -9,7 +9,7 @@ import math
 
 from test_serve_launcher import _run
 
-from tarragon_jax import launch_config
+from experiments import launch_config
 
 RATES = (4.0, 8.0)
 ARRIVAL_S = 0.5  # round(rate * ARRIVAL_S) requests per rate: 2 and 4

@@ -14,7 +14,7 @@ import pytest
 
 import tarragon_jax as tj
 from configs import mixtral_8x7b, qwen3_moe, tiny, train_tiny
-from tarragon_jax import launch_config
+from experiments import launch_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -4,7 +4,7 @@ import json
 
 from test_serve_launcher import _run
 
-from tarragon_jax import launch_config
+from experiments import launch_config
 
 SCENARIOS = {"two_ews", "aw_and_ew", "sequence", "during_recovery", "store_and_aw",
              "hang_and_kill"}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import tarragon_jax as tj
-from tarragon_jax.resilience.placement import place, slots_for_budget
+from tarragon_jax.worker.placement import place, slots_for_budget
 
 # hidden 32 x expert_hidden 64, f32: one expert is 3 * 32 * 64 * 4 bytes.
 CFG = tj.ModelConfig(hidden_size=32, expert_hidden=64, num_layers=2, num_experts=8)

@@ -14,13 +14,13 @@ import signal
 import pytest
 from test_process_runtime import CFG, MAX_NEW, PLAN, PROMPTS, _local_tokens, _params
 
-from tarragon_jax.resilience.fault_domain import WorkerDead
 from tarragon_jax.resilience.faults import parse_faults
 from tarragon_jax.runtime.channel import Bound
 from tarragon_jax.runtime.remote import ProcessRuntime
 from tarragon_jax.runtime.spawner import LocalSpawner, SpawnError
 from tarragon_jax.serving.engine import Engine, EngineConfig, ResilienceConfig
-from tarragon_jax.serving.requests import Request
+from tarragon_jax.worker.fault_domain import WorkerDead
+from tarragon_jax.worker.requests import Request
 
 
 def test_a_process_that_hangs_or_dies_before_ready_is_reported_not_waited_for():

@@ -18,7 +18,7 @@ from tarragon_jax.resilience.faults import parse_faults
 from tarragon_jax.resilience.kv_archive import read_archive
 from tarragon_jax.serving.engine import Engine, EngineConfig, ResilienceConfig
 from tarragon_jax.serving.metrics import compile_count
-from tarragon_jax.serving.requests import Request
+from tarragon_jax.worker.requests import Request
 
 # Four layers: replaying one layer at an EW failure costs a quarter of a step, as it would be a
 # small fraction of a step in a deep model.

@@ -8,7 +8,7 @@ import json
 
 from test_serve_launcher import _run
 
-from tarragon_jax import launch_config
+from experiments import launch_config
 
 METHODS = {"restore", "sequential_replay", "parallel_replay"}
 

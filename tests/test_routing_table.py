@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from tarragon_jax.resilience.placement import place
 from tarragon_jax.resilience.routing_table import RoutingTable
+from tarragon_jax.worker.placement import place
 
 # 2 layers, 8 experts, 4 EWs, 4 slots per EW per layer; every expert has one shadow.
 PLACEMENT = place(2, 8, 4)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import tarragon_jax as tj
-from tarragon_jax import launch_config
-from tarragon_jax.serving import workload as wl
+from experiments import launch_config
+from experiments import workload as wl
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMALL_CLUSTER = ("--config.num_aw=2", "--config.num_ew=2", "--config.slots_per_aw=4")

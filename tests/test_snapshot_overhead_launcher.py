@@ -4,7 +4,7 @@ import json
 
 from test_serve_launcher import SMALL_CLUSTER, _run
 
-from tarragon_jax import launch_config
+from experiments import launch_config
 
 
 def test_snapshot_overhead_compares_three_schemes_on_the_same_tokens(tmp_path):

@@ -14,10 +14,10 @@ import tensorstore as ts
 import tarragon_jax as tj
 from tarragon_jax.mesh.cells import CellPlan
 from tarragon_jax.resilience import kv_archive, snapshot_store
-from tarragon_jax.resilience.fault_domain import Health, WorkerDead
 from tarragon_jax.resilience.global_restart import fit_plan
 from tarragon_jax.resilience.snapshot_store import SnapshotStore
 from tarragon_jax.serving.streams import StreamGap, TokenStream
+from tarragon_jax.worker.fault_domain import Health, WorkerDead
 
 CFG = tj.ModelConfig(family="mixtral", vocab_size=128, hidden_size=32, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=8, num_experts=8, top_k=2, expert_hidden=64,

@@ -47,8 +47,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from tarragon_jax.resilience.fault_domain import FaultDomain
 from tarragon_jax.resilience.timeline import Timeline
+from tarragon_jax.worker.fault_domain import FaultDomain
 
 
 @dataclasses.dataclass(frozen=True)

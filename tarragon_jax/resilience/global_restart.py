@@ -21,8 +21,8 @@ import jax
 from tarragon_jax.checkpoint import load_checkpoint
 from tarragon_jax.mesh.cells import CellPlan
 from tarragon_jax.resilience.orchestrator import Recovery
-from tarragon_jax.runtime.local import wait
-from tarragon_jax.serving.requests import Phase, RequestState
+from tarragon_jax.worker.calls import wait
+from tarragon_jax.worker.requests import Phase, RequestState
 
 
 def fit_plan(plan: CellPlan, num_devices: int, failed_kinds: list[str]) -> CellPlan:
@@ -84,8 +84,9 @@ class GlobalRestart(Recovery):
     for w in e.aws + e.ews:  # 1. stop every worker, drop every array and cache
       if w is not None:
         self.fence(w)
-    if e.store is not None:
+    if e.store is not None:  # dropped, not failed: nothing declares it
       e.store.stop()
+      e.store = None
     e.active_tables = []
     phase("teardown_s")
     jax.clear_caches()  # 2. every compiled executable

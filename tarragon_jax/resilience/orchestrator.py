@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 import time
 
-from tarragon_jax.resilience.fault_domain import FaultDomain, Health
 from tarragon_jax.resilience.faults import Fault
 from tarragon_jax.resilience.snapshot_store import SnapshotStore
+from tarragon_jax.worker.fault_domain import FaultDomain, Health
 
 STORE_RETRY_S = 1.0  # a store that could not be started is tried again this much later
 

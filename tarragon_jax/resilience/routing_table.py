@@ -12,7 +12,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from tarragon_jax.resilience.placement import Placement, _frozen
+from tarragon_jax.worker.placement import Placement, _frozen
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

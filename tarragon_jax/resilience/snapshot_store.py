@@ -41,8 +41,8 @@ import numpy as np
 from absl import logging
 
 from tarragon_jax.config import ModelConfig
-from tarragon_jax.resilience.fault_domain import FaultDomain, Health, WorkerDead
 from tarragon_jax.resilience.kv_archive import CHUNK, KVArchive
+from tarragon_jax.worker.fault_domain import FaultDomain, Health, WorkerDead
 
 
 @dataclasses.dataclass

@@ -24,10 +24,10 @@ import numpy as np
 from tarragon_jax.checkpoint import load_checkpoint
 from tarragon_jax.layers.params import ExpertParams
 from tarragon_jax.mesh.cells import Cell
-from tarragon_jax.resilience.fault_domain import FaultDomain, WorkerDead
 from tarragon_jax.resilience.orchestrator import Recovery
 from tarragon_jax.resilience.routing_table import RoutingTable
-from tarragon_jax.serving.requests import Phase, RequestState
+from tarragon_jax.worker.fault_domain import FaultDomain, WorkerDead
+from tarragon_jax.worker.requests import Phase, RequestState
 
 
 @dataclasses.dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import threading
 import time
@@ -29,3 +30,22 @@ class Timeline:
     with open(path, "w") as f:
       for e in list(self.events):
         f.write(json.dumps({**e, "t": e["t"] - t0}, default=str) + "\n")
+
+  def unexplained_declarations(self) -> list[dict]:
+    """Workers declared failed that no fault touched (false alarms): each fault fired at a
+    worker (`kill` or `hang`, and not ignored because the worker was not running) accounts for
+    that worker's next declaration."""
+    owed = collections.Counter()
+    unexplained = []
+    events = self.of("fault") + self.of("fault_ignored") + self.of("declared_failed")
+    for ev in sorted(events, key=lambda e: e["t"]):
+      if ev["event"] == "fault" and ev["kind"] in ("kill", "hang"):
+        owed[ev["worker"]] += 1
+      elif ev["event"] == "fault_ignored" and owed[ev["worker"]]:
+        owed[ev["worker"]] -= 1
+      elif ev["event"] == "declared_failed":
+        if owed[ev["worker"]]:
+          owed[ev["worker"]] -= 1
+        else:
+          unexplained.append(ev)
+    return unexplained

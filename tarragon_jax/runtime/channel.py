@@ -31,8 +31,8 @@ from collections.abc import Callable
 import zmq
 import zmq.utils.monitor
 
-from tarragon_jax.resilience.fault_domain import WorkerDead
 from tarragon_jax.runtime import wire
+from tarragon_jax.worker.fault_domain import WorkerDead
 
 
 def _bind(sock: zmq.Socket, host: str, port: int) -> str:

@@ -26,7 +26,6 @@ import time
 
 from absl import logging
 
-from tarragon_jax.resilience.fault_domain import WorkerDead
 from tarragon_jax.runtime.channel import (
   Bound,
   Connection,
@@ -36,6 +35,7 @@ from tarragon_jax.runtime.channel import (
   connection_lost,
 )
 from tarragon_jax.runtime.spawner import Child, SpawnError
+from tarragon_jax.worker.fault_domain import WorkerDead
 
 AGENT_REPLY_S = 10.0  # an agent's answer to a request it serves at once (beyond a start bound)
 GONE_EVERY_S = 0.1  # how often a wait on an agent's worker asks the agent whether it runs

@@ -31,15 +31,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tarragon_jax import launch_config  # noqa: E402
 from tarragon_jax.checkpoint import load_checkpoint  # noqa: E402
 from tarragon_jax.config import ModelConfig  # noqa: E402
 from tarragon_jax.mesh.cells import Cell  # noqa: E402
 from tarragon_jax.mesh.transfer import Transfers  # noqa: E402
-from tarragon_jax.resilience.placement import Placement  # noqa: E402
 from tarragon_jax.resilience.snapshot_store import SnapshotStore  # noqa: E402
+from tarragon_jax.runtime import compile_cache  # noqa: E402
 from tarragon_jax.runtime.channel import Endpoint  # noqa: E402
-from tarragon_jax.serving.workers import AttentionWorker, ExpertWorker, ew_weights  # noqa: E402
+from tarragon_jax.worker.placement import Placement  # noqa: E402
+from tarragon_jax.worker.workers import AttentionWorker, ExpertWorker, ew_weights  # noqa: E402
 
 
 def to_host(x):
@@ -121,8 +121,8 @@ def serve(endpoint: Endpoint):
 
 def main(argv: list[str]):
   cache = next((a.split("=", 1)[1] for a in argv if a.startswith("--compile_cache=")),
-               launch_config.DEFAULT_COMPILE_CACHE)
-  launch_config.enable_compile_cache(cache)
+               compile_cache.DEFAULT_COMPILE_CACHE)
+  compile_cache.enable_compile_cache(cache)
   host = next((a.split("=", 1)[1] for a in argv if a.startswith("--host=")), "127.0.0.1")
   endpoint = Endpoint(host)
   parent = os.getppid()

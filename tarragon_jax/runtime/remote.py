@@ -17,13 +17,13 @@ import signal
 
 import numpy as np
 
-from tarragon_jax import launch_config
 from tarragon_jax.mesh.cells import carve
-from tarragon_jax.resilience.fault_domain import FaultDomain, Health
+from tarragon_jax.runtime import compile_cache
 from tarragon_jax.runtime.channel import Bound, Connection, Pending, RemoteError
 from tarragon_jax.runtime.remote_store import RemoteStore
 from tarragon_jax.runtime.spawner import LocalSpawner, SpawnError
-from tarragon_jax.serving import datapath
+from tarragon_jax.worker import datapath
+from tarragon_jax.worker.fault_domain import FaultDomain, Health
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +177,7 @@ class ProcessRuntime:
 
   remote = True
 
-  def __init__(self, spawner=None, compile_cache: str = launch_config.DEFAULT_COMPILE_CACHE):
+  def __init__(self, spawner=None, compile_cache: str = compile_cache.DEFAULT_COMPILE_CACHE):
     self.spawner = spawner or LocalSpawner()
     self.compile_cache = compile_cache
     self.workers: list[RemoteWorker] = []

@@ -20,8 +20,8 @@ import zmq
 
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.resilience.detector import DetectionConfig
-from tarragon_jax.resilience.fault_domain import FaultDomain, WorkerDead
 from tarragon_jax.runtime.channel import Bound, Connection, Pending, RemoteError
+from tarragon_jax.worker.fault_domain import FaultDomain, WorkerDead
 
 
 class RemoteStore(FaultDomain):

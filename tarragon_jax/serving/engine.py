@@ -29,22 +29,23 @@ from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.params import ExpertParams, ModelParams, abstract_params
 from tarragon_jax.mesh.cells import Cell
 from tarragon_jax.resilience.detector import Detector, WorkerTimeout
-from tarragon_jax.resilience.fault_domain import Health, WorkerDead
 from tarragon_jax.resilience.faults import Fault, FaultInjector, check_schedule
 from tarragon_jax.resilience.global_restart import GlobalRestart
-from tarragon_jax.resilience.placement import place
 from tarragon_jax.resilience.routing_table import RoutingTable
 from tarragon_jax.resilience.tarragon import Tarragon
 from tarragon_jax.resilience.timeline import Timeline
-from tarragon_jax.runtime.local import LocalRuntime, wait
-from tarragon_jax.serving.buckets import all_buckets, bucket
+from tarragon_jax.runtime.local import LocalRuntime
 from tarragon_jax.serving.engine_config import EngineConfig, ResilienceConfig
 from tarragon_jax.serving.exchange import LayerExchange
 from tarragon_jax.serving.frontend import Frontend, RequestsFailed
 from tarragon_jax.serving.metrics import TokenEvent, latency_summary
-from tarragon_jax.serving.requests import Phase, RequestState
 from tarragon_jax.serving.streams import RequestFailed
-from tarragon_jax.serving.workers import AttentionWorker, ExpertWorker, ew_weights
+from tarragon_jax.worker.buckets import all_buckets, bucket
+from tarragon_jax.worker.calls import wait
+from tarragon_jax.worker.fault_domain import Health, WorkerDead
+from tarragon_jax.worker.placement import place
+from tarragon_jax.worker.requests import Phase, RequestState
+from tarragon_jax.worker.workers import AttentionWorker, ExpertWorker, ew_weights
 
 __all__ = ["Engine", "EngineConfig", "RequestFailed", "RequestsFailed", "ResilienceConfig",
            "WorkerTimeout"]

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from tarragon_jax.resilience.fault_domain import WorkerDead
+from tarragon_jax.worker.fault_domain import WorkerDead
 
 
 class LayerExchange:

@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from tarragon_jax.layers.sampling import SamplingParams
-from tarragon_jax.serving.datapath import BAD_TOKEN
 from tarragon_jax.serving.metrics import TokenEvent
-from tarragon_jax.serving.requests import Phase, Request, RequestState
 from tarragon_jax.serving.streams import RequestFailed, TokenStream
+from tarragon_jax.worker.datapath import BAD_TOKEN
+from tarragon_jax.worker.requests import Phase, Request, RequestState
 
 
 class RequestsFailed(RuntimeError):

@@ -15,7 +15,7 @@ from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.kv_cache import KVCache
 from tarragon_jax.layers.params import ModelParams
 from tarragon_jax.layers.transformer import extend
-from tarragon_jax.serving.buckets import bucket
+from tarragon_jax.worker.buckets import bucket
 
 
 def reference_greedy(params: ModelParams, cfg: ModelConfig, prompts: Iterable[Sequence[int]],

@@ -47,10 +47,10 @@ from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.params import abstract_params
 from tarragon_jax.resilience.detector import DetectionConfig
 from tarragon_jax.resilience.global_restart import GlobalRestart
-from tarragon_jax.runtime.local import wait
-from tarragon_jax.serving.buckets import bucket
 from tarragon_jax.serving.engine import Engine
-from tarragon_jax.serving.requests import Request
+from tarragon_jax.worker.buckets import bucket
+from tarragon_jax.worker.calls import wait
+from tarragon_jax.worker.requests import Request
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,11 +19,15 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import jax
 import ml_collections
-from ml_collections import config_dict
+from absl import flags
+from ml_collections import config_dict, config_flags
 
 from tarragon_jax.config import ModelConfig
+from tarragon_jax.mesh.cells import CellPlan
+from tarragon_jax.resilience.detector import DetectionConfig
+from tarragon_jax.runtime.compile_cache import DEFAULT_COMPILE_CACHE, enable_compile_cache  # noqa: F401 (the launchers' flags)
+from tarragon_jax.serving.engine_config import EngineConfig, ResilienceConfig
 
 
 def model_dict(**fields) -> ml_collections.ConfigDict:
@@ -44,6 +48,47 @@ def model_dict(**fields) -> ml_collections.ConfigDict:
       value = config_dict.placeholder(int if "int" in str(types[name]) else str)
     out[name] = value
   return out
+
+
+def define_flags(default_config: str, cache: bool = True):
+  """The flags every launcher takes: `--config` (a config file, fields overridable as
+  `--config.field=value`), `--workdir` (default: the config's `workdir`) and, with `cache`,
+  `--compile_cache`. Returns their holders (config, workdir, compile_cache or None)."""
+  config = config_flags.DEFINE_config_file("config", default_config, "The run's config file.")
+  workdir = flags.DEFINE_string("workdir", None, "Output directory; default: the config's "
+                                "workdir.")
+  compile_cache = flags.DEFINE_string(
+      "compile_cache", DEFAULT_COMPILE_CACHE,
+      "Persistent compilation cache directory ('' = off), for this process and every worker "
+      "process; every policy of a comparison gets it.") if cache else None
+  return config, workdir, compile_cache
+
+
+def engine_config(cd, *, resilience: dict | ResilienceConfig | None = None,
+                  **overrides) -> EngineConfig:
+  """The `EngineConfig` a launcher config (a ConfigDict, or a dict) describes.
+
+  The plan from `num_aw`, `num_ew` (and `devices_per_aw` / `devices_per_ew`), `slots_per_aw`,
+  and `shadows_per_expert` / `min_prefill_bucket` where the config has them; its
+  `ResilienceConfig` from `recovery`, `snapshots`, `flush_interval_s`, `replace_failed` and
+  `probe_interval_s` where it has them. `resilience` (ResilienceConfig fields, or a whole
+  ResilienceConfig) and `overrides` (EngineConfig fields) win.
+  """
+  def given(*keys: str) -> dict:
+    return {k: cd[k] for k in keys if k in cd}
+
+  if not isinstance(resilience, ResilienceConfig):
+    rc = given("recovery", "snapshots", "flush_interval_s", "replace_failed")
+    if "probe_interval_s" in cd:
+      rc["detection"] = DetectionConfig(probe_interval_s=cd["probe_interval_s"])
+    resilience = ResilienceConfig(**(rc | (resilience or {})))
+  fields = dict(plan=CellPlan(cd["num_aw"], cd["num_ew"],
+                              **given("devices_per_aw", "devices_per_ew")),
+                slots_per_aw=cd["slots_per_aw"],
+                **given("shadows_per_expert", "min_prefill_bucket"),
+                resilience=resilience)
+  fields.update(overrides)
+  return EngineConfig(**fields)
 
 
 def model_config(cd: ml_collections.ConfigDict) -> ModelConfig:
@@ -113,22 +158,6 @@ def save_line_plot(path: str, series: dict[str, tuple[list, list]], *, xlabel: s
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
-
-
-DEFAULT_COMPILE_CACHE = os.environ.get("TARRAGON_JAX_CACHE", "/tmp/tarragon_jax_compile_cache")
-
-
-def enable_compile_cache(path: str | None):
-  """Persists every compiled executable under `path` (None or '' leaves caching off).
-
-  Each worker cell compiles its own executables; a warm cache turns ~20 s of compiles per
-  engine shape into ~2 s of loads.
-  """
-  if not path:
-    return
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 RUNTIMES = ("local", "process", "cluster")

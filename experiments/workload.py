@@ -27,9 +27,9 @@ from collections.abc import Callable
 import numpy as np
 
 from tarragon_jax.config import ModelConfig
-from tarragon_jax.serving.buckets import all_buckets, bucket
 from tarragon_jax.serving.metrics import TokenEvent, latency_summary
-from tarragon_jax.serving.requests import Request
+from tarragon_jax.worker.buckets import all_buckets, bucket
+from tarragon_jax.worker.requests import Request
 
 Workload = list[tuple[float, Request]]
 

@@ -19,10 +19,10 @@ from tarragon_jax.layers.kv_cache import KVCache
 from tarragon_jax.layers.params import ExpertParams, ModelParams, abstract_params, logical_axes
 from tarragon_jax.mesh.cells import AW_RULES, EW_RULES, Cell
 from tarragon_jax.mesh.transfer import Transfers
-from tarragon_jax.resilience.fault_domain import FaultDomain
-from tarragon_jax.resilience.placement import Placement
-from tarragon_jax.serving import datapath
-from tarragon_jax.serving.buckets import all_buckets, bucket
+from tarragon_jax.worker import datapath
+from tarragon_jax.worker.buckets import all_buckets, bucket
+from tarragon_jax.worker.fault_domain import FaultDomain
+from tarragon_jax.worker.placement import Placement
 
 RESTORE_BUCKET = 16  # a restore pads the KV it writes to a bucket of at least this many tokens
 
