@@ -44,7 +44,7 @@ from tarragon_jax.resilience.faults import Fault  # noqa: E402
 from tarragon_jax.runtime.remote import ProcessRuntime  # noqa: E402
 from tarragon_jax.runtime.spawner import LocalSpawner  # noqa: E402
 from tarragon_jax.serving.engine import Engine, EngineConfig  # noqa: E402
-from tarragon_jax.serving.metrics import stall_summary  # noqa: E402
+from tarragon_jax.serving.metrics import fault_stalls  # noqa: E402
 from tarragon_jax.worker.buckets import bucket  # noqa: E402
 from tarragon_jax.worker.requests import Request  # noqa: E402
 
@@ -113,7 +113,9 @@ def _failure_run(cd, shape, params, weights_dir, spawner, mode: str, kind: str) 
   events = [e for e in engine.events if e.request_id in set(ids)]  # not the untimed batch
   record = dict(run=f"{mode}_{kind}", mode=mode, fault=kind, token_index=i,
                 layer=cd.fault_layer, requests=cd.requests, prompt_len=P,
-                **stall_summary(events, fault_t, {r: engine.requests[r].arrival for r in ids}))
+                **{k: v for k, v in fault_stalls(events, tl, {
+                    r: engine.requests[r].arrival for r in ids})[0].items()
+                   if k not in ("worker", "kind", "t")})
   record.update({k: s[k] for k in ("restores", "reprefills", "restore_bytes", "restore_s_max",
                                    "recomputed_tokens", "recomputed_token_layers",
                                    "uncommitted_tail_tokens")})

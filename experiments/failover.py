@@ -39,7 +39,7 @@ from tarragon_jax.checkpoint import save_checkpoint  # noqa: E402
 from tarragon_jax.resilience.faults import parse_faults  # noqa: E402
 from tarragon_jax.runtime.remote import ProcessRuntime  # noqa: E402
 from tarragon_jax.serving.engine import Engine  # noqa: E402
-from tarragon_jax.serving.metrics import compile_count, stall_summary  # noqa: E402
+from tarragon_jax.serving.metrics import compile_count, fault_stalls  # noqa: E402
 
 _CONFIG, _WORKDIR, _CACHE = launch_config.define_flags("configs/failover_tiny.py")
 _BIN_S = 0.25
@@ -90,7 +90,8 @@ def _run(cd, cfg, params, weights_dir, work, reference, mode: str, fault: str, w
                 tokens_match_fault_free=True if reference is None else outputs == reference)
   faults = engine.timeline.of("fault")
   if faults:
-    record.update(stall_summary(events, faults[0]["t"], result.arrivals(engine)))
+    first = fault_stalls(events, engine.timeline, result.arrivals(engine))[0]
+    record.update({k: v for k, v in first.items() if k not in ("worker", "kind", "t")})
     record.update({k: s[k] for k in ("detection_s", "restores", "reprefills", "restore_bytes",
                                      "restore_s_max", "recomputed_token_layers",
                                      "uncommitted_tail_tokens")})

@@ -42,7 +42,7 @@ from tarragon_jax.mesh.cells import CellPlan  # noqa: E402
 from tarragon_jax.resilience.faults import parse_faults  # noqa: E402
 from tarragon_jax.resilience.routing_table import RoutingTable  # noqa: E402
 from tarragon_jax.serving.engine import Engine  # noqa: E402
-from tarragon_jax.serving.metrics import compile_count, stall_summary  # noqa: E402
+from tarragon_jax.serving.metrics import compile_count, fault_stalls  # noqa: E402
 from tarragon_jax.worker.placement import place  # noqa: E402
 
 _CONFIG, _WORKDIR, _CACHE = launch_config.define_flags("configs/multi_failure_tiny.py")
@@ -98,9 +98,9 @@ def _run(name: str, spec: str, recovery: str, cd, cfg, params, weights_dir, work
       **{k: s[k] for k in ("restores", "reprefills", "recomputed_tokens", "table_epoch")},
       restart_phases=s.get("restarts", []))
   if faults:
-    record.update(stall_summary(events, faults[0]["t"], arrivals))
-    record["per_fault"] = [dict(worker=f["worker"], t=rel(f["t"]),
-                                **stall_summary(events, f["t"], arrivals)) for f in faults]
+    per_fault = fault_stalls(events, tl, arrivals)
+    record.update({k: v for k, v in per_fault[0].items() if k not in ("worker", "kind", "t")})
+    record["per_fault"] = [dict(p, t=rel(p["t"])) for p in per_fault]
     record["worst_service_stall_s"] = max(p["service_stall_s"] for p in record["per_fault"])
   tl.write_jsonl(os.path.join(workdir, f"timeline_{name}.jsonl"), result.start)
   return record, outputs

@@ -29,7 +29,7 @@ from experiments import workload as wl  # noqa: E402
 from tarragon_jax.resilience.faults import parse_faults  # noqa: E402
 from tarragon_jax.runtime.remote import ProcessRuntime  # noqa: E402
 from tarragon_jax.serving.engine import Engine  # noqa: E402
-from tarragon_jax.serving.metrics import compile_count, stall_summary  # noqa: E402
+from tarragon_jax.serving.metrics import compile_count, fault_stalls  # noqa: E402
 from tarragon_jax.serving.reference import reference_greedy  # noqa: E402
 
 _CONFIG, _WORKDIR, _ = launch_config.define_flags("configs/serve_tiny.py", cache=False)
@@ -102,8 +102,8 @@ def _serve(cd, cfg, params, engine, faults, workdir, compiles_at_start):
   summary = result.summary(engine)
   resilience_summary = engine.summary()
   summary.update({k: v for k, v in resilience_summary.items() if k not in summary})
-  summary["stalls"] = [dict(worker=f["worker"], kind=f["kind"], **stall_summary(
-      result.events(engine), f["t"], result.arrivals(engine))) for f in engine.timeline.of("fault")]
+  summary["stalls"] = [{k: v for k, v in s.items() if k != "t"} for s in fault_stalls(
+      result.events(engine), engine.timeline, result.arrivals(engine))]
   engine.timeline.write_jsonl(os.path.join(workdir, "timeline.jsonl"), result.start)
   outputs = [engine.tokens(r) for r in result.ids]
 

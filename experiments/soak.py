@@ -30,7 +30,7 @@ from tarragon_jax.resilience.faults import Fault  # noqa: E402
 from tarragon_jax.runtime.remote import ProcessRuntime  # noqa: E402
 from tarragon_jax.runtime.spawner import LocalSpawner  # noqa: E402
 from tarragon_jax.serving.engine import Engine  # noqa: E402
-from tarragon_jax.serving.metrics import stall_summary  # noqa: E402
+from tarragon_jax.serving.metrics import fault_stalls  # noqa: E402
 from tarragon_jax.serving.reference import reference_greedy  # noqa: E402
 
 _CONFIG, _WORKDIR, _CACHE = launch_config.define_flags("configs/soak_tiny.py")
@@ -101,8 +101,8 @@ def main(argv):
   duplicates = sum(engine.streams[r].duplicates for r in result.ids)
   mismatches = sum(len(engine.streams[r].mismatches) for r in result.ids)
   events, arrivals = result.events(engine), result.arrivals(engine)
-  stalls = [dict(worker=f["worker"], kind=f["kind"], **stall_summary(events, f["t"], arrivals))
-            for f in engine.timeline.of("fault")]
+  stalls = [{k: v for k, v in s.items() if k != "t"}
+            for s in fault_stalls(events, engine.timeline, arrivals)]
   sample = sorted(rng.choice(len(work), min(cd.check_requests, len(work)), replace=False))
   expected = reference_greedy(params, cfg, [work[i][1].prompt for i in sample],
                               [work[i][1].max_new_tokens for i in sample])

@@ -32,19 +32,30 @@ def test_a_queued_request_is_held_up_though_it_had_no_token_yet():
 
 
 def test_a_request_arriving_during_the_outage_is_held_up_one_after_it_is_not():
-  events = _events({0: [0.0, 0.1, 0.2], 1: [3.0, 3.1], 2: [3.6]})
+  # Request 0 waits through a restart from 0.2 to 3.0; request 1 arrives during it, request 2
+  # after it.
+  events = _events({0: [0.0, 0.1, 0.2, 3.0], 1: [3.0, 3.1], 2: [3.6]})
   s = stall_summary(events, 0.25, {0: 0.0, 1: 1.0, 2: 3.5})
-  assert s["held"] == 1  # request 1 arrived before service resumed at 3.0; request 2 after
-  assert s["max_request_gap_s"] == pytest.approx(2.0)
-  assert s["service_stall_s"] == pytest.approx(2.0)
+  assert s["held"] == 2
+  assert s["max_request_gap_s"] == pytest.approx(2.8)
+  assert s["service_stall_s"] == pytest.approx(2.8)
+  assert s["recovered_after_s"] == pytest.approx(2.75)  # both got a token at 3.0
 
 
-def test_an_idle_engine_stalls_a_later_arrival_only_for_its_own_wait():
-  # Nothing waited at the fault; request 1 arrived before the next token of any request, so it
-  # is held up, but only from its arrival (its time to first token), not since the fault.
+def test_the_requests_in_flight_when_a_late_declaration_stops_service_are_held_up():
+  # Killed at 1.0 while idle; request 0 arrives at 1.01 and is served until the failure is
+  # found at 1.05, then waits through a restart until 3.0.
+  events = _events({0: [1.02, 1.04, 3.0, 3.01]})
+  assert stall_summary(events, 1.0, {0: 1.01})["held"] == 0  # as if found at once
+  s = stall_summary(events, 1.0, {0: 1.01}, declared_at=1.05)
+  assert s["held"] == 1 and s["service_stall_s"] == pytest.approx(1.96)
+
+
+def test_an_idle_engine_holds_nobody_up():
+  # Nothing waited at the fault, and it was found at once: a later arrival's wait is its own.
   events = _events({0: [0.0, 0.1], 1: [5.0, 5.1]})
-  s = stall_summary(events, 1.0, {0: 0.0, 1: 4.9})
-  assert s["held"] == 1 and s["service_stall_s"] == pytest.approx(0.1)
+  s = stall_summary(events, 1.0, {0: 0.0, 1: 4.9}, declared_at=1.01)
+  assert s["held"] == 0 and s["service_stall_s"] == 0.0
 
 
 def test_no_request_after_the_fault_is_no_stall():

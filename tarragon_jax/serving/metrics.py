@@ -65,58 +65,93 @@ def latency_summary(arrivals: dict[int, float], events: list[TokenEvent]) -> dic
 
 
 def stall_summary(events: list[TokenEvent], fault_time: float, arrivals: dict[int, float],
-                  requests: set[int] | None = None) -> dict:
+                  declared_at: float | None = None, requests: set[int] | None = None) -> dict:
   """Stalls caused by a failure at `fault_time` (perf_counter seconds), as the paper defines them.
 
-  The requests the failure held up (optionally only those in `requests`): every request that
-  had arrived by the fault and got a token after it (in flight, or admitted and queued with no
-  token yet), and every request that arrived after the fault but before service resumed (the
-  first token after the fault, from any request): a restart that leaves only queued or newly
-  arriving requests waiting stalls them all the same. Recovery ends at R, when each of them has
-  delivered a token after the fault.
+  A *wait* of a request is the time from one of its events to the next: from its arrival (or
+  its previous token) to its next token. A wait belongs to the failure if it ends after the
+  fault and begins before the failure is over: before its worker was declared failed
+  (`declared_at`), or before the end of any wait that began earlier (in flight or queued at
+  the fault, or arriving while others wait through the recovery). So every request the
+  failure held up counts, not only those in flight: a restart that leaves only queued or newly
+  arriving requests waiting stalls them all the same. Optionally only `requests`.
 
   Args:
     arrivals: request id -> arrival time (perf_counter seconds) of every request of the run.
+    declared_at: when the failed worker was declared (None: the fault's time).
 
   Returns:
-    held: how many requests the failure held up (0: nothing waited, every stall is 0).
-    service_stall_s: the longest interval with zero output tokens (from any request) while a
-      held request waited, that ends after the fault and starts before R.
-    max_request_gap_s: the longest wait of one held request across the fault, from its last
-      token before the fault (or its arrival, if later) to its next token;
-      max_request_stall_s: that gap minus the request's median TBT before the fault (the
-      run's, for one with fewer than two tokens before it): the extra wait the failure caused.
-    tbt_before_s: median gap between consecutive tokens of a request, before the fault.
-    recovered_after_s: R - fault_time.
+    held: how many requests had a wait that belongs to the failure (0: every stall is 0).
+    service_stall_s: the longest time no token was delivered (to any request) while a request
+      waited a wait that belongs to the failure.
+    max_request_gap_s: the longest such wait; max_request_stall_s: that wait minus what it
+      takes without a failure (the request's median TBT before the fault; for a wait from its
+      arrival, the run's median time to first token before the fault).
+    tbt_before_s, ttft_before_s: medians over the run before the fault.
+    recovered_after_s: when the last such wait ended, minus `fault_time`.
   """
   by_request: dict[int, list[float]] = {}
   for ev in sorted(events, key=lambda e: (e.request_id, e.index)):
     by_request.setdefault(ev.request_id, []).append(ev.time)
-  merged = sorted(ev.time for ev in events)
-  resumed = merged[int(np.searchsorted(merged, fault_time, side="right"))] if (
-      merged and merged[-1] > fault_time) else float("inf")
-  held = {r: (t, arrivals[r]) for r, t in by_request.items()
-          if (requests is None or r in requests) and t[-1] > fault_time
-          and arrivals[r] <= resumed}
+  merged = np.sort(np.array([ev.time for ev in events]))
   before = [b - a for t in by_request.values() for a, b in zip(t, t[1:]) if b < fault_time]
   tbt = float(np.median(before)) if before else float("nan")
-  out = dict(held=len(held), tbt_before_s=tbt, service_stall_s=0.0,
+  firsts = [t[0] - arrivals[r] for r, t in by_request.items() if t[0] < fault_time]
+  ttft = float(np.median(firsts)) if firsts else float("nan")
+  out = dict(held=0, tbt_before_s=tbt, ttft_before_s=ttft, service_stall_s=0.0,
              max_request_gap_s=0.0, max_request_stall_s=0.0, recovered_after_s=0.0)
-  if not held:
-    return out
-  recovered, waiting_from = 0.0, float("inf")
-  for t, arrival in held.values():
-    i = int(np.searchsorted(t, fault_time, side="right"))  # first token after the fault
-    since = max(t[i - 1], arrival) if i else arrival
-    own = [b - a for a, b in zip(t[:i], t[1:i])]
-    base = float(np.median(own)) if own else tbt
-    gap = t[i] - since
-    out["max_request_gap_s"] = max(out["max_request_gap_s"], gap)
+
+  def waits(r: int) -> list[tuple[float, float, float]]:
+    """(start, end, usual length) of each wait of `r` that ends after the fault."""
+    t, arrival = by_request[r], arrivals[r]
+    own = [b - a for a, b in zip(t, t[1:]) if b < fault_time]
+    usual = float(np.median(own)) if own else tbt
+    starts = [arrival] + t[:-1]
+    return [(a, b, ttft if k == 0 else usual) for k, (a, b) in enumerate(zip(starts, t))
+            if b > fault_time]
+
+  mine = {r: waits(r) for r in by_request if requests is None or r in requests}
+  # The failure's effect is known once its worker is declared, and lasts while any wait that
+  # began before then goes on: extended to the end of each such wait (a fixpoint).
+  known, grew = fault_time if declared_at is None else max(fault_time, declared_at), True
+  while grew:
+    ends = [b for ws in mine.values() for a, b, _ in ws if a < known < b]
+    grew = bool(ends)
+    known = max([known, *ends])
+  held = {r: [w for w in ws if w[0] < known] for r, ws in mine.items()}
+  held = {r: ws for r, ws in held.items() if ws}
+  out["held"] = len(held)
+  recovered = fault_time
+  for a, b, usual in (w for ws in held.values() for w in ws):
+    out["max_request_gap_s"] = max(out["max_request_gap_s"], b - a)
     out["max_request_stall_s"] = max(out["max_request_stall_s"],
-                                     gap - (0.0 if np.isnan(base) else base))
-    recovered, waiting_from = max(recovered, t[i]), min(waiting_from, since)
+                                     b - a - (0.0 if np.isnan(usual) else usual))
+    recovered = max(recovered, b)
+    # The longest stretch of this wait, after the fault, in which nobody got a token.
+    points = np.concatenate([[a], merged[(merged > a) & (merged <= b)]])
+    ends_after = points[1:] > fault_time
+    out["service_stall_s"] = max(out["service_stall_s"],
+                                 float(np.max(np.diff(points)[ends_after])))
   out["recovered_after_s"] = recovered - fault_time
-  points = [waiting_from] + [x for x in merged if x > waiting_from]
-  gaps = [b - a for a, b in zip(points, points[1:]) if b > fault_time and a < recovered]
-  out["service_stall_s"] = max(gaps, default=0.0)
+  return out
+
+
+def fault_stalls(events: list[TokenEvent], timeline, arrivals: dict[int, float]) -> list[dict]:
+  """`stall_summary` of every fault on `timeline`, with the fault's worker, kind and time.
+
+  Faults fired in the same engine step are one failure: each one's stall is measured with the
+  last declaration of any of their workers (a fault whose worker was not running, or not yet
+  declared, takes its companions')."""
+  declared = timeline.of("declared_failed")
+  faults = timeline.of("fault")
+
+  def found(f: dict) -> float | None:
+    return min((d["t"] for d in declared if d["worker"] == f["worker"] and d["t"] >= f["t"]),
+               default=None)
+
+  out = []
+  for f in faults:
+    when = [t for g in faults if g.get("step") == f.get("step") and (t := found(g)) is not None]
+    out.append(dict(worker=f["worker"], kind=f["kind"], t=f["t"],
+                    **stall_summary(events, f["t"], arrivals, max(when, default=None))))
   return out
