@@ -72,3 +72,14 @@ def test_only_the_requests_asked_about_count():
 def test_a_request_without_an_arrival_is_an_error():
   with pytest.raises(KeyError):
     stall_summary(_events({0: [0.0, 1.0]}), 0.5, {})
+
+
+def test_a_queue_before_the_fault_is_not_the_failures():
+  # Request 1 queued from 0.0; the fault at 1.0; its first token at 1.005: the failure caused
+  # at most those 5 ms of its wait.
+  events = _events({0: [0.5, 0.9, 1.1], 1: [1.005, 1.2]})
+  s = stall_summary(events, 1.0, {0: 0.4, 1: 0.0})
+  assert s["held"] == 2
+  assert s["max_request_gap_s"] == pytest.approx(1.005)  # the whole wait
+  # Request 0's gap across the fault (0.9 -> 1.1) is its usual 0.4 s: no stall.
+  assert s["max_request_stall_s"] == pytest.approx(0.005)

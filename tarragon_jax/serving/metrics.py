@@ -70,11 +70,11 @@ def stall_summary(events: list[TokenEvent], fault_time: float, arrivals: dict[in
 
   A *wait* of a request is the time from one of its events to the next: from its arrival (or
   its previous token) to its next token. A wait belongs to the failure if it ends after the
-  fault and begins before the failure is over: before its worker was declared failed
-  (`declared_at`), or before the end of any wait that began earlier (in flight or queued at
-  the fault, or arriving while others wait through the recovery). So every request the
-  failure held up counts, not only those in flight: a restart that leaves only queued or newly
-  arriving requests waiting stalls them all the same. Optionally only `requests`.
+  fault and begins before the failure is over: the later of its worker's declaration
+  (`declared_at`) and the moment every request waiting at the fault (in flight, or admitted and
+  queued) has got a token after it. So every request the failure held up counts, not only those in
+  flight: a restart that leaves only queued requests, or ones that arrive before the failure
+  is found, waiting stalls them all the same. Optionally only `requests`.
 
   Args:
     arrivals: request id -> arrival time (perf_counter seconds) of every request of the run.
@@ -84,10 +84,10 @@ def stall_summary(events: list[TokenEvent], fault_time: float, arrivals: dict[in
     held: how many requests had a wait that belongs to the failure (0: every stall is 0).
     service_stall_s: the longest time no token was delivered (to any request) while a request
       waited a wait that belongs to the failure.
-    max_request_gap_s: the longest such wait; max_request_stall_s: that wait minus what it
-      takes without a failure (the request's median TBT before the fault; for a wait from its
-      arrival, the run's median time to first token before the fault).
-    tbt_before_s, ttft_before_s: medians over the run before the fault.
+    max_request_gap_s: the longest such wait; max_request_stall_s: the longest part of one
+      that the failure caused: a wait for a next token beyond the request's median TBT before
+      the fault (the run's, if it had none); a wait for a first token after the fault.
+    tbt_before_s: median TBT over the run before the fault.
     recovered_after_s: when the last such wait ended, minus `fault_time`.
   """
   by_request: dict[int, list[float]] = {}
@@ -96,36 +96,32 @@ def stall_summary(events: list[TokenEvent], fault_time: float, arrivals: dict[in
   merged = np.sort(np.array([ev.time for ev in events]))
   before = [b - a for t in by_request.values() for a, b in zip(t, t[1:]) if b < fault_time]
   tbt = float(np.median(before)) if before else float("nan")
-  firsts = [t[0] - arrivals[r] for r, t in by_request.items() if t[0] < fault_time]
-  ttft = float(np.median(firsts)) if firsts else float("nan")
-  out = dict(held=0, tbt_before_s=tbt, ttft_before_s=ttft, service_stall_s=0.0,
+  out = dict(held=0, tbt_before_s=tbt, service_stall_s=0.0,
              max_request_gap_s=0.0, max_request_stall_s=0.0, recovered_after_s=0.0)
 
   def waits(r: int) -> list[tuple[float, float, float]]:
-    """(start, end, usual length) of each wait of `r` that ends after the fault."""
+    """(start, end, the part the failure caused) of each wait of `r` that ends after the
+    fault: of a wait for a next token, its length beyond the request's usual gap; of a wait
+    from its arrival, the part after the fault (a queue before it is not the failure's)."""
     t, arrival = by_request[r], arrivals[r]
     own = [b - a for a, b in zip(t, t[1:]) if b < fault_time]
     usual = float(np.median(own)) if own else tbt
-    starts = [arrival] + t[:-1]
-    return [(a, b, ttft if k == 0 else usual) for k, (a, b) in enumerate(zip(starts, t))
-            if b > fault_time]
+    usual = 0.0 if np.isnan(usual) else usual
+    out = [] if t[0] <= fault_time else [(arrival, t[0], t[0] - max(arrival, fault_time))]
+    return out + [(a, b, b - a - usual) for a, b in zip(t, t[1:]) if b > fault_time]
 
   mine = {r: waits(r) for r in by_request if requests is None or r in requests}
-  # The failure's effect is known once its worker is declared, and lasts while any wait that
-  # began before then goes on: extended to the end of each such wait (a fixpoint).
-  known, grew = fault_time if declared_at is None else max(fault_time, declared_at), True
-  while grew:
-    ends = [b for ws in mine.values() for a, b, _ in ws if a < known < b]
-    grew = bool(ends)
-    known = max([known, *ends])
+  # The failure is over once its worker was declared and every request waiting at the fault
+  # (in flight or queued) got a token after it.
+  known = fault_time if declared_at is None else max(fault_time, declared_at)
+  known = max([known, *(ws[0][1] for ws in mine.values() if ws and ws[0][0] <= fault_time)])
   held = {r: [w for w in ws if w[0] < known] for r, ws in mine.items()}
   held = {r: ws for r, ws in held.items() if ws}
   out["held"] = len(held)
   recovered = fault_time
-  for a, b, usual in (w for ws in held.values() for w in ws):
+  for a, b, caused in (w for ws in held.values() for w in ws):
     out["max_request_gap_s"] = max(out["max_request_gap_s"], b - a)
-    out["max_request_stall_s"] = max(out["max_request_stall_s"],
-                                     b - a - (0.0 if np.isnan(usual) else usual))
+    out["max_request_stall_s"] = max(out["max_request_stall_s"], caused)
     recovered = max(recovered, b)
     # The longest stretch of this wait, after the fault, in which nobody got a token.
     points = np.concatenate([[a], merged[(merged > a) & (merged <= b)]])
