@@ -53,9 +53,7 @@ class Peer(RemoteWorker):
     return super().probe()
 
   def ask(self) -> Pending:
-    msg = {"op": "attr", "name": "bench_detection"}
-    return Pending(self.conn, self.conn.send(msg), "ask", self.name, self._deadline, self.gone,
-                   slice_s=self.probe_s)
+    return self._send("ask", {"op": "attr", "name": "bench_detection"})
 
 
 def spawn(spawner: LocalSpawner, rc: ResilienceConfig, names: list[str], cache: str) -> list:

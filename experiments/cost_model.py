@@ -113,9 +113,7 @@ def _failure_run(cd, shape, params, weights_dir, spawner, mode: str, kind: str) 
   events = [e for e in engine.events if e.request_id in set(ids)]  # not the untimed batch
   record = dict(run=f"{mode}_{kind}", mode=mode, fault=kind, token_index=i,
                 layer=cd.fault_layer, requests=cd.requests, prompt_len=P,
-                **{k: v for k, v in fault_stalls(events, tl, {
-                    r: engine.requests[r].arrival for r in ids})[0].items()
-                   if k not in ("worker", "kind", "t")})
+                **fault_stalls(events, tl, {r: engine.requests[r].arrival for r in ids})[0][1])
   record.update({k: s[k] for k in ("restores", "reprefills", "restore_bytes", "restore_s_max",
                                    "recomputed_tokens", "recomputed_token_layers",
                                    "uncommitted_tail_tokens")})

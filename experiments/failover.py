@@ -90,8 +90,7 @@ def _run(cd, cfg, params, weights_dir, work, reference, mode: str, fault: str, w
                 tokens_match_fault_free=True if reference is None else outputs == reference)
   faults = engine.timeline.of("fault")
   if faults:
-    first = fault_stalls(events, engine.timeline, result.arrivals(engine))[0]
-    record.update({k: v for k, v in first.items() if k not in ("worker", "kind", "t")})
+    record.update(fault_stalls(events, engine.timeline, result.arrivals(engine))[0][1])
     record.update({k: s[k] for k in ("detection_s", "restores", "reprefills", "restore_bytes",
                                      "restore_s_max", "recomputed_token_layers",
                                      "uncommitted_tail_tokens")})

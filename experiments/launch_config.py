@@ -2,8 +2,8 @@
 
 `configs/*.py` describe a run as an `ml_collections.ConfigDict` with a `model` sub-dict that
 mirrors `ModelConfig` field for field, plus launcher fields (seed, workdir, steps, ...).
-Launchers load it with `config_flags.DEFINE_config_file("config", ...)`, turn it into a
-`ModelConfig` here, and write their results (JSONL, summary.json, PNG) with the helpers here, so
+Launchers take it with `define_flags`, turn it into a `ModelConfig` and an `EngineConfig`
+here, and write their results (JSONL, summary.json, PNG) with the helpers here, so
 every launcher's outputs look the same.
 """
 

@@ -99,8 +99,9 @@ def _run(name: str, spec: str, recovery: str, cd, cfg, params, weights_dir, work
       restart_phases=s.get("restarts", []))
   if faults:
     per_fault = fault_stalls(events, tl, arrivals)
-    record.update({k: v for k, v in per_fault[0].items() if k not in ("worker", "kind", "t")})
-    record["per_fault"] = [dict(p, t=rel(p["t"])) for p in per_fault]
+    record.update(per_fault[0][1])
+    record["per_fault"] = [dict(worker=f["worker"], kind=f["kind"], t=rel(f["t"]), **s)
+                           for f, s in per_fault]
     record["worst_service_stall_s"] = max(p["service_stall_s"] for p in record["per_fault"])
   tl.write_jsonl(os.path.join(workdir, f"timeline_{name}.jsonl"), result.start)
   return record, outputs

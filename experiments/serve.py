@@ -102,7 +102,7 @@ def _serve(cd, cfg, params, engine, faults, workdir, compiles_at_start):
   summary = result.summary(engine)
   resilience_summary = engine.summary()
   summary.update({k: v for k, v in resilience_summary.items() if k not in summary})
-  summary["stalls"] = [{k: v for k, v in s.items() if k != "t"} for s in fault_stalls(
+  summary["stalls"] = [dict(worker=f["worker"], kind=f["kind"], **s) for f, s in fault_stalls(
       result.events(engine), engine.timeline, result.arrivals(engine))]
   engine.timeline.write_jsonl(os.path.join(workdir, "timeline.jsonl"), result.start)
   outputs = [engine.tokens(r) for r in result.ids]

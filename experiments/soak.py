@@ -101,8 +101,8 @@ def main(argv):
   duplicates = sum(engine.streams[r].duplicates for r in result.ids)
   mismatches = sum(len(engine.streams[r].mismatches) for r in result.ids)
   events, arrivals = result.events(engine), result.arrivals(engine)
-  stalls = [{k: v for k, v in s.items() if k != "t"}
-            for s in fault_stalls(events, engine.timeline, arrivals)]
+  stalls = [dict(worker=f["worker"], kind=f["kind"], **s)
+            for f, s in fault_stalls(events, engine.timeline, arrivals)]
   sample = sorted(rng.choice(len(work), min(cd.check_requests, len(work)), replace=False))
   expected = reference_greedy(params, cfg, [work[i][1].prompt for i in sample],
                               [work[i][1].max_new_tokens for i in sample])

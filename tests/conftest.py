@@ -2,8 +2,8 @@
 
 At the end of the session, pytest's summary lists every worker an engine declared failed that
 no fault explains (`Timeline.unexplained_declarations`): false alarms of the detector, which a
-test that recovers from them would otherwise hide. `TARRAGON_FALSE_ALARMS=path` also writes
-them there as JSON lines.
+test that recovers from them would otherwise hide. Any such alarm fails the session.
+`TARRAGON_FALSE_ALARMS=path` also writes them there as JSON lines.
 """
 
 import json
@@ -41,14 +41,25 @@ def _name_the_test(request):
   yield
 
 
-def pytest_terminal_summary(terminalreporter):
-  alarms = [dict(test=test, worker=e["worker"], how=e["how"])
-            for test, tl in _TIMELINES for e in tl.unexplained_declarations()]
+def _false_alarms() -> list[dict]:
+  return [dict(test=test, worker=e["worker"], how=e["how"])
+          for test, tl in _TIMELINES for e in tl.unexplained_declarations()]
+
+
+def pytest_sessionfinish(session):
+  """A false alarm fails the session, even if every test recovered from it."""
+  alarms = _false_alarms()
   path = os.environ.get("TARRAGON_FALSE_ALARMS")
   if path:
     with open(path, "w") as f:
       f.writelines(json.dumps(a) + "\n" for a in alarms)
+  if alarms and session.exitstatus == 0:
+    session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter):
+  alarms = _false_alarms()
   terminalreporter.write_line(f"workers declared failed that no fault explains: {len(alarms)} "
-                              f"(in {len(_TIMELINES)} engines)")
+                              f"(in {len(_TIMELINES)} engines)" + (": FAILED" if alarms else ""))
   for a in alarms:
     terminalreporter.write_line(f"  {a['test']}: {a['worker']} ({a['how']})")

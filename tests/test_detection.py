@@ -244,6 +244,21 @@ def test_watch_probes_at_most_once_per_interval_and_a_new_worker_under_the_name_
   assert not d.watch(ew, now=4 * PROBE)  # forgotten: probed again, suspected, not yet declared
 
 
+def test_data_heard_between_probes_ends_a_suspicion():
+  # A store that fell behind and missed a probe, then caught up (its data is its heartbeat):
+  # a later unanswered probe starts a new suspicion instead of adding to the old one.
+  clock = FakeClock()
+  d = Detector(_cfg(), clock=clock)
+  store = Scripted("store", clock, outages=[(0.0, 0.006), (0.02, 1.0)])
+  assert not d.watch(store, now=0.0)  # suspected
+  clock.t = 0.005
+  d.heard(store)
+  assert not d.watch(store, now=0.02)  # suspected afresh, not declared
+  assert d.watch(store, now=0.031)
+  (ev,) = d.timeline.of("declared_failed")
+  assert ev["detection_s"] == pytest.approx(0.011)  # from the new suspicion
+
+
 def test_a_slow_peer_that_answers_probes_times_out_at_the_deadline_not_the_window():
   clock = FakeClock()
   d = Detector(_cfg(deadline_s=0.1), clock=clock)

@@ -299,6 +299,10 @@ class Detector:
       return True
     return False
 
+  def heard(self, worker: FaultDomain):
+    """Data arrived from `worker` outside `wait` (the heartbeat): a running suspicion ends."""
+    self._answered(self._peer(worker))
+
   def forget(self, name: str):
     """Drops everything known about `name` (a replacement takes the name over)."""
     self._peers.pop(name, None)

@@ -112,7 +112,9 @@ class Recovery:
                               "died" + (f": {cause!r}" if cause is not None else ""))
       self.store_failed()
       return
-    if store.lag_s() >= probe and self.e.detector.watch(store):  # behind, and silent
+    if store.lag_s() < probe:  # it keeps up: that is its heartbeat
+      self.e.detector.heard(store)
+    elif self.e.detector.watch(store):  # behind, and its probes unanswered
       self.store_failed()
 
   def store_failed(self):

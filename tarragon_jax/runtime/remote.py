@@ -18,8 +18,8 @@ import signal
 import numpy as np
 
 from tarragon_jax.mesh.cells import carve
-from tarragon_jax.runtime import compile_cache
 from tarragon_jax.runtime.channel import Bound, Connection, Pending, RemoteError
+from tarragon_jax.runtime.compile_cache import DEFAULT_COMPILE_CACHE
 from tarragon_jax.runtime.remote_store import RemoteStore
 from tarragon_jax.runtime.spawner import LocalSpawner, SpawnError
 from tarragon_jax.worker import datapath
@@ -177,7 +177,7 @@ class ProcessRuntime:
 
   remote = True
 
-  def __init__(self, spawner=None, compile_cache: str = compile_cache.DEFAULT_COMPILE_CACHE):
+  def __init__(self, spawner=None, compile_cache: str = DEFAULT_COMPILE_CACHE):
     self.spawner = spawner or LocalSpawner()
     self.compile_cache = compile_cache
     self.workers: list[RemoteWorker] = []

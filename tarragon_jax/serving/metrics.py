@@ -124,7 +124,8 @@ def stall_summary(events: list[TokenEvent], fault_time: float, arrivals: dict[in
     out["max_request_stall_s"] = max(out["max_request_stall_s"], caused)
     recovered = max(recovered, b)
     # The longest stretch of this wait, after the fault, in which nobody got a token.
-    points = np.concatenate([[a], merged[(merged > a) & (merged <= b)]])
+    inside = merged[np.searchsorted(merged, a, "right"):np.searchsorted(merged, b, "right")]
+    points = np.concatenate([[a], inside])
     ends_after = points[1:] > fault_time
     out["service_stall_s"] = max(out["service_stall_s"],
                                  float(np.max(np.diff(points)[ends_after])))
@@ -132,22 +133,18 @@ def stall_summary(events: list[TokenEvent], fault_time: float, arrivals: dict[in
   return out
 
 
-def fault_stalls(events: list[TokenEvent], timeline, arrivals: dict[int, float]) -> list[dict]:
-  """`stall_summary` of every fault on `timeline`, with the fault's worker, kind and time.
+def fault_stalls(events: list[TokenEvent], timeline,
+                 arrivals: dict[int, float]) -> list[tuple[dict, dict]]:
+  """(fault event, its `stall_summary`) for every fault on `timeline`.
 
   Faults fired in the same engine step are one failure: each one's stall is measured with the
   last declaration of any of their workers (a fault whose worker was not running, or not yet
   declared, takes its companions')."""
-  declared = timeline.of("declared_failed")
-  faults = timeline.of("fault")
-
-  def found(f: dict) -> float | None:
-    return min((d["t"] for d in declared if d["worker"] == f["worker"] and d["t"] >= f["t"]),
-               default=None)
-
+  declared, faults = timeline.of("declared_failed"), timeline.of("fault")
+  found = [min((d["t"] for d in declared if d["worker"] == f["worker"] and d["t"] >= f["t"]),
+               default=None) for f in faults]
   out = []
   for f in faults:
-    when = [t for g in faults if g.get("step") == f.get("step") and (t := found(g)) is not None]
-    out.append(dict(worker=f["worker"], kind=f["kind"], t=f["t"],
-                    **stall_summary(events, f["t"], arrivals, max(when, default=None))))
+    when = [t for g, t in zip(faults, found) if g.get("step") == f.get("step") and t is not None]
+    out.append((f, stall_summary(events, f["t"], arrivals, max(when, default=None))))
   return out
