@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Resilience: `faults` is a schedule armed after warm-up (steps and times count from then),
   # e.g. "kill:ew1@t=5; hang:aw0@t=8" (see tarragon_jax/resilience/faults.py).
   c.faults = ""
-  c.recovery = "tarragon"  # or "global_restart"
+  c.recovery = "tarragon"  # or "global_restart", or "package.module:ClassName" (README)
   c.snapshots = True
   c.probe_interval_s = 0.01
   # Where workers run: "local" (this process), "process" (a process each, this host) or

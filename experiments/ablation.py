@@ -108,7 +108,7 @@ def main(argv):
   for name in names:
     settings = _settings(cd, table[name][1])
     engines[name], warm_s = _engine(cd, cfg, params, weights_dir, settings)
-    report = engines[name].placement.memory_report(cfg)
+    report = engines[name].state.placement.memory_report(cfg)
     info[name] = dict(switched_off=table[name][0], settings=settings, warm_up_s=warm_s,
                       expert_bytes_per_ew=max(m["primary_bytes"] + m["shadow_bytes"]
                                               for m in report),

@@ -87,10 +87,10 @@ def layer_pass(engine: Engine, layer: int, sync: bool) -> dict:
   one block at the end. Also returns the bytes and arrays sent each way.
   """
   B, top_k = engine.engine_cfg.slots_per_aw, engine.cfg.top_k
-  for aw in engine.aws:  # a decode batch over every slot; the x of a previous pass is dropped
+  for aw in engine.state.aws:  # a decode batch over every slot; the x of a previous pass is dropped
     aw.begin(np.zeros((B, 1), np.int32), np.ones((B,), np.int32), np.zeros((B,), bool))
-  jax.block_until_ready([aw.x for aw in engine.aws])
-  aws, tr, live = engine.aws, engine.transfers, list(range(len(engine.aws)))
+  jax.block_until_ready([aw.x for aw in engine.state.aws])
+  aws, tr, live = engine.state.aws, engine.transfers, list(range(len(engine.state.aws)))
   capacity = B * top_k
   times, moved = {}, {}
   clock = [time.perf_counter()]

@@ -57,7 +57,7 @@ class PauseAndSnapshot:
   """
 
   def __init__(self, engine: Engine, store: SnapshotStore, every: int):
-    if engine.store is not None:
+    if engine.state.store is not None:
       raise ValueError("PauseAndSnapshot: build the engine with ResilienceConfig(snapshots=False)"
                        "; this scheme replaces the engine's own snapshots")
     self.engine, self.store, self.every = engine, store, every
@@ -88,13 +88,13 @@ class PauseAndSnapshot:
   def snapshot(self):
     """One pause: every AW's whole cache to the store; returns when the store has applied it."""
     e, t0 = self.engine, time.perf_counter()
-    for a, owners in enumerate(e.slot_owner):
+    for a in e.state.live_aws():
       # As `Recovery.step_boundary` sends base snapshots to a new store.
-      rows = [(r, e.requests[r].slot, e.requests[r].cached) for r in (owners or ())
-              if r >= 0 and e.requests[r].cached > 0]
+      rows = [(r, e.requests[r].slot, e.requests[r].cached) for r in e.state.requests_on(a)
+              if e.requests[r].cached > 0]
       if not rows:
         continue
-      copy = e.aws[a].cache_copy()
+      copy = e.state.aws[a].cache_copy()
       if copy is None:
         raise RuntimeError(f"aw{a} did not answer cache_copy (fault-free run expected)")
       self.store.base(a, rows, copy[0], copy[1])
@@ -127,7 +127,7 @@ def _measure(cd, cfg, params, weights_dir: str) -> list[dict]:
   # Its durable tier goes where the engine's own store would (the engine's scratch directory).
   pause_store = SnapshotStore(cfg, engines["pause"].store_dir, cd.flush_interval_s)
   pauser = PauseAndSnapshot(engines["pause"], pause_store, cd.pause_every)
-  stores = {"off": None, "incremental": engines["incremental"].store, "pause": pause_store}
+  stores = {"off": None, "incremental": engines["incremental"].state.store, "pause": pause_store}
   rng = np.random.default_rng(cd.seed + 1)
 
   def generate(name, prompts, n):

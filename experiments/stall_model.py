@@ -46,7 +46,6 @@ import numpy as np
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.params import abstract_params
 from tarragon_jax.resilience.detector import DetectionConfig
-from tarragon_jax.resilience.global_restart import GlobalRestart
 from tarragon_jax.serving.engine import Engine
 from tarragon_jax.worker.buckets import bucket
 from tarragon_jax.worker.calls import wait
@@ -338,10 +337,10 @@ def detection_latency(detection: DetectionConfig, fault_kind: str = "kill") -> f
 def _settle(engine):
   """Blocks until every worker's dispatched work is done."""
   if engine.runtime.remote:
-    for w in engine.aws + engine.ews:
+    for w in engine.state.aws + engine.state.ews:
       wait(w.sync())
   else:
-    jax.block_until_ready([aw.x for aw in engine.aws])
+    jax.block_until_ready([aw.x for aw in engine.state.aws])
 
 
 def _timed_step(engine) -> float:
@@ -355,11 +354,11 @@ def _layer_times(engine, reps: int) -> list[float]:
   B, cfg = engine.engine_cfg.slots_per_aw, engine.cfg
   out = []
   for r in range(reps + 1):  # the first pass is not recorded
-    for aw in engine.aws:
+    for aw in engine.state.aws:
       wait(aw.begin(np.zeros((B, 1), np.int32), np.ones((B,), np.int32), np.zeros((B,), bool)))
     _settle(engine)
     start = time.perf_counter()
-    engine.run_layer(r % cfg.num_layers, list(range(len(engine.aws))), B * cfg.top_k)
+    engine.run_layer(r % cfg.num_layers, list(range(len(engine.state.aws))), B * cfg.top_k)
     _settle(engine)
     if r:
       out.append(time.perf_counter() - start)
@@ -404,12 +403,12 @@ def calibrate(cfg: ModelConfig, params, engine_cfg, *, runtime=None, num_request
     batch untimed); the prefill iteration and the median decode iteration, whole
     `Engine.step`s (sampling, fetching tokens and host scheduling included) divided by L;
     t_layer: one decode layer's exchange alone (`Engine.run_layer`), median of `layer_reps`;
-  - r_0, beta, t_catchup: every request restored through the real path (`Tarragon.restore`)
+  - r_0, beta, t_catchup: every request restored through the real path (`Recovery.restore`)
     after its prefill and again before its last step; `fit_restore` of all but the first
     restore of each round (a tiny model's KV is too small for a per-byte term: beta then
     stays 0); t_catchup = the median first restore of a round (it waits for the store to
     apply the step just logged) minus r_0;
-  - T_w: `restarts` global restarts (`GlobalRestart.restart`: teardown, cleared caches, orbax
+  - T_w: `restarts` global restarts (`Recovery.restart`: teardown, cleared caches, orbax
     weights, rebuilt workers (new processes in the process runtime), compile of decode and the
     in-flight prompts' bucket) with `num_requests` requests in flight; the median total;
   - g_pre, g_dec: from the weights (2 FLOPs per active weight); detect: `detection_latency`.
@@ -458,7 +457,7 @@ def calibrate(cfg: ModelConfig, params, engine_cfg, *, runtime=None, num_request
       ids = submit(3)
       engine.step()
       engine.step()  # prefill and one decode step: the requests are in flight
-      GlobalRestart(engine).restart()
+      engine.recovery.restart()
       phases.append(engine.timeline.of("global_restart")[-1])
     cold = [_timed_step(engine) for _ in range(3)]  # re-prefill, then the decode steps
   finally:

@@ -160,7 +160,7 @@ def warm_up(engine, work: Workload) -> int:
   over every AW; each cell compiles its own executables) generating two tokens, which runs
   one prefill and one decode iteration everywhere. Returns the number of warm-up requests.
   """
-  num_aw = len(engine.aws)
+  num_aw = len(engine.state.aws)
   lengths = prefill_lengths(work, engine.engine_cfg.min_prefill_bucket, engine.cfg.max_seq_len)
   for n in lengths:
     engine.generate([[0] * n] * num_aw, 2)

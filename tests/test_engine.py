@@ -282,17 +282,17 @@ def _warm(engine: Engine):
 def test_reroute_by_hand_same_tokens_no_compiles():
   engine = _engine("mixtral")
   ref = _reference("mixtral")
-  original = engine.table
+  original = engine.state.table
   _warm(engine)
   before = compile_count()
   try:
     # A few experts first, then every expert of every layer onto its shadow.
-    table = engine.table
+    table = engine.state.table
     some = [(0, 1), (0, 6), (1, 0), (1, 3)]
     for layer, expert in some:
       table = table.reroute(layer, expert, int(table.replicas[layer, expert, 1]))
     engine.set_routing_table(table)
-    assert engine.table.epoch == original.epoch + 4
+    assert engine.state.table.epoch == original.epoch + 4
     assert _serve(engine, _greedy_requests(), first=FIRST_WAVE) == ref
 
     L, E = engine.cfg.num_layers, engine.cfg.num_experts
@@ -318,13 +318,13 @@ def test_an_ew_warms_up_for_the_kind_of_buffers_it_is_given(host_inputs):
   one warmed up on device buffers does (the mechanism the flag exists for)."""
   cfg, params = _model("mixtral")
   engine = _engine("mixtral")
-  placement, S = engine.placement, engine.placement.slots_per_layer
-  ew = ExpertWorker(0, engine.ews[0].cell, cfg, ew_weights(params, placement, 0),
+  placement, S = engine.state.placement, engine.state.placement.slots_per_layer
+  ew = ExpertWorker(0, engine.state.ews[0].cell, cfg, ew_weights(params, placement, 0),
                     placement.num_ew, Transfers(), host_inputs=host_inputs)
   capacity = 41 if host_inputs else 43  # shapes no other call compiled: jit's cache is global
   counts = (engine.ew_slots[0], S)
-  ew.warm_up([capacity], len(engine.aws), counts)
-  host = [datapath.empty_buffer(cfg, capacity)] * len(engine.aws)
+  ew.warm_up([capacity], len(engine.state.aws), counts)
+  host = [datapath.empty_buffer(cfg, capacity)] * len(engine.state.aws)
   before = compile_count()
   for slots in counts:
     jax.block_until_ready(ew.run_layer(1, host, slots))
@@ -335,7 +335,7 @@ def test_an_ew_warms_up_for_the_kind_of_buffers_it_is_given(host_inputs):
 def test_route_away_from_an_ew_same_tokens_no_compiles(ew):
   engine = _engine("mixtral")
   ref = _reference("mixtral")
-  original = engine.table
+  original = engine.state.table
   _warm(engine)
   before = compile_count()
   try:
@@ -350,30 +350,30 @@ def test_route_away_from_an_ew_same_tokens_no_compiles(ew):
 
 def test_table_leaving_experts_unreachable_is_refused():
   engine = _engine("mixtral")
-  original = engine.table
+  original = engine.state.table
   # With one shadow each, losing two EWs leaves some experts with no replica.
   broken = original.without_ew(0).without_ew(1)
   assert broken.unreachable()
   with pytest.raises(ValueError, match=r"unreachable: \[\(0, 0\)"):
     engine.set_routing_table(broken)
-  assert engine.table is original
+  assert engine.state.table is original
   assert _serve(engine, _greedy_requests()[:3]) == _reference("mixtral")[:3]
 
 
 def test_table_from_another_placement_is_refused():
   engine = _engine("mixtral")
-  original = engine.table
+  original = engine.state.table
   other = RoutingTable.from_placement(place(2, 8, 4, slots_per_layer=2, shadows_per_expert=0))
-  assert other.slots_per_layer != engine.placement.slots_per_layer
+  assert other.slots_per_layer != engine.state.placement.slots_per_layer
   try:
     with pytest.raises(ValueError, match="does not match the engine's placement"):
       engine.set_routing_table(other)
-    wrong = engine.table.replicas.copy()
-    wrong[0, 0, 0] = engine.table.replicas[0, 1, 0]  # expert 0 pointed at expert 1's slot
-    forged = RoutingTable(wrong, engine.table.slots_per_layer, engine.table.epoch + 1)
+    wrong = engine.state.table.replicas.copy()
+    wrong[0, 0, 0] = engine.state.table.replicas[0, 1, 0]  # expert 0 pointed at expert 1's slot
+    forged = RoutingTable(wrong, engine.state.table.slots_per_layer, engine.state.table.epoch + 1)
     with pytest.raises(ValueError, match=r"layer 0 expert 0 .* holds expert 1"):
       engine.set_routing_table(forged)
-    assert engine.table is original
+    assert engine.state.table is original
   finally:
     engine.set_routing_table(original)
 
@@ -466,13 +466,13 @@ def test_settle_without_durable_leaves_every_served_position_in_the_host_tier():
   copies of their KV, and commit all the same."""
   engine = _engine("mixtral")
   rid = engine.submit(Request(PROMPTS[3], 8))
-  sent, log_step = [], engine.store.log_step
-  engine.store.log_step = lambda aw, seq, rows, kv: (sent.append((rows, kv)),
+  sent, log_step = [], engine.state.store.log_step
+  engine.state.store.log_step = lambda aw, seq, rows, kv: (sent.append((rows, kv)),
                                                      log_step(aw, seq, rows, kv))
   for _ in range(4):  # the prefill and three decode steps; the store applies them in batches
     engine.step()
   engine.settle(durable=False)
-  assert engine.store.committed(rid) == engine.requests[rid].cached == len(PROMPTS[3]) + 3
+  assert engine.state.store.committed(rid) == engine.requests[rid].cached == len(PROMPTS[3]) + 3
   assert [rows is None for rows, _ in sent] == [False, True, True, True]
   assert all(type(kv) is np.ndarray for _, kv in sent)  # the store holds no device buffer
   engine.run()

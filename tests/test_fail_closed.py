@@ -77,8 +77,8 @@ def _check_each_request(engine: Engine, ids: list[int], cause: str) -> int:
 
 def _ews_holding_one_expert(engine: Engine) -> tuple[int, int]:
   """Two EWs that hold every replica of some expert (with one shadow per expert)."""
-  S = engine.placement.slots_per_layer
-  for row in engine.placement.replicas.reshape(-1, engine.placement.replicas.shape[-1]):
+  S = engine.state.placement.slots_per_layer
+  for row in engine.state.placement.replicas.reshape(-1, engine.state.placement.replicas.shape[-1]):
     ews = sorted({int(p) // S for p in row if p >= 0})
     if len(ews) == 2:
       return ews[0], ews[1]
@@ -111,10 +111,10 @@ def test_a_routing_table_that_routes_to_a_failed_ew_is_refused():
   with _engine("kill:ew1@step=2", replace_failed=False) as engine:
     ids = _serve(engine)
     assert _check_each_request(engine, ids, "-") == 0
-    installed = engine.table
+    installed = engine.state.table
     with pytest.raises(ValueError, match="EW 1, which was declared failed"):
-      engine.set_routing_table(engine.base_table)
-    assert engine.table is installed
+      engine.set_routing_table(engine.state.base_table)
+    assert engine.state.table is installed
 
 
 def test_an_on_token_callback_that_raises_leaves_the_engine_consistent():

@@ -114,13 +114,13 @@ def _warm_up_with(engine: Engine, worker, fault):
 def test_a_worker_killed_during_warm_up_fails_it_at_once_naming_the_worker():
   with _engine(ProcessRuntime(LocalSpawner(4))) as engine:
     with pytest.raises(WorkerDead, match=r"aw0.*warm_up.*SIGKILL"):
-      _warm_up_with(engine, engine.aws[0], lambda w: w.kill())
+      _warm_up_with(engine, engine.state.aws[0], lambda w: w.kill())
 
 
 def test_a_worker_stopped_during_warm_up_fails_it_at_its_bound_naming_both():
   with _engine(ProcessRuntime(LocalSpawner(4)), warm_up_timeout_s=1.5) as engine:
     with pytest.raises(TimeoutError, match=r"aw0.*warm_up.*1\.5 s"):
-      _warm_up_with(engine, engine.aws[0], lambda w: w.hang())
+      _warm_up_with(engine, engine.state.aws[0], lambda w: w.hang())
 
 
 def test_a_dead_standby_store_is_replaced_and_a_dead_store_is_answered_for_at_once():
@@ -132,14 +132,14 @@ def test_a_dead_standby_store_is_replaced_and_a_dead_store_is_answered_for_at_on
     _check_each_request(engine, ids)
     assert [ev["worker"] for ev in engine.timeline.of("declared_failed")] == ["store"]
     assert not engine.timeline.of("store_unavailable")  # a new store process was started
-    assert len(runtime.stores) == 2 and engine.store is runtime.stores[1]
-    assert engine.store.child.alive()
+    assert len(runtime.stores) == 2 and engine.state.store is runtime.stores[1]
+    assert engine.state.store.child.alive()
     # The store process dies after serving: summary() still answers, with the store's last
     # word on what it logged.
     logged = engine.summary()["snapshot_bytes_in"]
     assert logged > 0
-    engine.store.child.proc.kill()
-    engine.store.child.proc.wait()
+    engine.state.store.child.proc.kill()
+    engine.state.store.child.proc.wait()
     assert engine.summary()["snapshot_bytes_in"] == logged
   finally:
     engine.close()

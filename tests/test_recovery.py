@@ -108,7 +108,7 @@ def test_a_replacement_starts_after_the_restored_requests_have_been_served():
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("recovery", "bogus", "recovery='bogus'; use one of"),
+    ("recovery", "bogus", "recovery='bogus' is not a built-in policy; use one of"),
     ("flush_interval_s", 0.0, "flush_interval_s=0.0 must be > 0"),
     ("durable_chunk", 0, "durable_chunk=0 must be >= 1")])
 def test_a_bad_resilience_config_names_the_value(field, value, match):
@@ -135,7 +135,7 @@ def test_the_durable_tier_holds_what_the_aw_cache_holds(tmp_path):
   ids = [engine.submit(Request(p, MAX_NEW)) for p in PROMPTS]
   while engine.iteration < 22:
     engine.step()
-  store = engine.store
+  store = engine.state.store
   chunks = {r: engine.requests[r].cached // 16 * 16 for r in ids}
   assert min(chunks.values()) >= 16
   deadline = time.perf_counter() + 120  # a bound on the wait, not a speed claim
@@ -147,7 +147,7 @@ def test_the_durable_tier_holds_what_the_aw_cache_holds(tmp_path):
     s = engine.requests[r]
     assert commits[str(r)]["n"] == chunks[r]
     k, v = read_archive(store.archive.directory, r)  # tensorstore's zarr3 reader
-    k_aw, v_aw = engine.aws[s.aw].cache.read(s.slot)
+    k_aw, v_aw = engine.state.aws[s.aw].cache.read(s.slot)
     np.testing.assert_array_equal(k, k_aw[:, :chunks[r]])
     np.testing.assert_array_equal(v, v_aw[:, :chunks[r]])
   engine.run()
@@ -169,7 +169,7 @@ def test_a_multi_device_cell_fails_as_a_unit_and_is_rebuilt_on_the_survivors(fau
   assert [tuple(engine.tokens(i)) for i in ids] == _fault_free(plan)
   (joined,) = engine.timeline.of("replacement_joined")
   assert len(joined["devices"]) == 1  # the cell's surviving device, re-sharded onto
-  assert len(engine.lost_devices) == 1
+  assert len(engine.state.lost_devices) == 1
   worker = fault.split(":")[1].split("@")[0]
   assert joined["worker"] == worker
 

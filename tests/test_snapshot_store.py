@@ -14,7 +14,7 @@ import tensorstore as ts
 import tarragon_jax as tj
 from tarragon_jax.mesh.cells import CellPlan
 from tarragon_jax.resilience import kv_archive, snapshot_store
-from tarragon_jax.resilience.global_restart import fit_plan
+from tarragon_jax.resilience.restart import fit_plan
 from tarragon_jax.resilience.snapshot_store import SnapshotStore
 from tarragon_jax.serving.streams import StreamGap, TokenStream
 from tarragon_jax.worker.fault_domain import Health, WorkerDead

@@ -1,147 +1,21 @@
-"""The baseline: a MegaScale-like global restart on the same model, datapath and batching.
+"""`GlobalRestart`: the MegaScale-like baseline, on the same model, datapath and batching.
 
-On any AW or EW failure: stop every worker and delete all of its arrays (KV caches included),
-clear every compiled executable, reload the weights with orbax, carve cells from the surviving
-devices, rebuild the workers, compile, and recompute every in-flight request from its prompt
-(tokens the client already has are recomputed, checked and dropped by its stream). Each phase
-is timed; nothing sleeps.
-
-Advantages it gets, as a real JAX deployment would have them: the persistent compilation cache
-(when the launcher enables it), weights on local disk, and in this local runtime no process
-start or JAX runtime initialization (the process runtime pays those).
+On any AW or EW failure, everything restarts (`RestartAll`, carried out by
+`resilience/restart.py`): every worker stops, compiled executables are cleared, the weights
+are reloaded, the cluster is rebuilt (smaller, by whole workers of the failed kind, if the
+surviving devices cannot hold it) and every in-flight request is recomputed from its prompt.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import time
-
-import jax
-
-from tarragon_jax.checkpoint import load_checkpoint
-from tarragon_jax.mesh.cells import CellPlan
-from tarragon_jax.resilience.orchestrator import Recovery
-from tarragon_jax.worker.calls import wait
-from tarragon_jax.worker.requests import Phase, RequestState
+from tarragon_jax.resilience.cluster_state import ClusterState
+from tarragon_jax.resilience.policy import Action, RecoveryPolicy, RestartAll, WorkersFailed
 
 
-def fit_plan(plan: CellPlan, num_devices: int, failed_kinds: list[str]) -> CellPlan:
-  """The plan, shrunk by whole workers of the failed kinds until it fits the devices."""
-  kinds = failed_kinds or ["ew"]
-  i = 0
-  while plan.devices_needed > num_devices:
-    kind = kinds[i % len(kinds)]
-    i += 1
-    field = "num_ew" if kind == "ew" else "num_aw"
-    if getattr(plan, field) <= 1:
-      other = "num_aw" if field == "num_ew" else "num_ew"
-      if getattr(plan, other) <= 1:
-        raise RuntimeError(f"global restart: {num_devices} surviving devices cannot hold one AW "
-                           f"and one EW of {plan}")
-      field = other
-    plan = dataclasses.replace(plan, **{field: getattr(plan, field) - 1})
-  return plan
-
-
-class GlobalRestart(Recovery):
+class GlobalRestart(RecoveryPolicy):
   """Restarts everything on any AW or EW failure."""
 
-  def __init__(self, engine):
-    super().__init__(engine)
-    self._failed: list[str] = []
-    self.restarts: list[dict] = []
+  name = "global_restart"
 
-  def ews_failed(self, ews: list[int], layer: int):
-    self._failed += ["ew"] * len(ews)
-    raise self.Restart()
-
-  def aw_failed(self, a: int, layer: int):
-    self._failed.append("aw")
-    raise self.Restart()
-
-  def restore(self, s: RequestState):
-    s.restore, s.cached = False, 0
-
-  def restart(self):
-    e, tl = self.e, self.e.timeline
-    phases = {}
-    clock = [time.perf_counter()]
-
-    def phase(name: str):
-      now = time.perf_counter()
-      phases[name] = now - clock[0]
-      clock[0] = now
-
-    start = clock[0]
-    tl.add("restart_begin", step=e.iteration)
-    in_flight = [s for s in e.requests.values()
-                 if not s.finished and (s.aw >= 0 or s.tokens or s.restore)]
-    devices = [d for d in e.devices if d not in e.lost_devices]
-    try:
-      plan = fit_plan(e.plan, len(devices), self._failed)
-    except RuntimeError as err:  # nothing can serve: every request fails, and later ones too
-      plan, cause = None, str(err)
-    for w in e.aws + e.ews:  # 1. stop every worker, drop every array and cache
-      if w is not None:
-        self.fence(w)
-    if e.store is not None:  # dropped, not failed: nothing declares it
-      e.store.stop()
-      e.store = None
-    e.active_tables = []
-    phase("teardown_s")
-    jax.clear_caches()  # 2. every compiled executable
-    phase("clear_caches_s")
-    if plan is None:
-      self._cannot_serve(f"the global restart cannot rebuild the cluster: {cause}")
-      return
-    params = None
-    try:
-      if not e.runtime.remote:  # (new worker processes load their weights themselves)
-        _, params = load_checkpoint(  # 3. weights from the orbax checkpoint
-            e.weights_dir, shardings=jax.sharding.SingleDeviceSharding(devices[0]),
-            expect=e.weights_fingerprint)
-        jax.block_until_ready(params)
-        phase("weight_load_s")
-      e.build(params, devices, plan)  # 4. cells (processes: start, JAX init, orbax load, build)
-    except Exception as err:  # noqa: BLE001 - e.g. other weights: nothing can serve
-      self._cannot_serve(f"the global restart cannot rebuild the cluster: {err}")
-      return
-    del params
-    for w in e.aws + e.ews:
-      wait(w.sync())
-    phase("rebuild_s")
-    recomputed = 0  # 5. every in-flight request starts again from its prompt
-    for s in in_flight:
-      recomputed += s.cached
-      s.tokens, s.cached, s.restore, s.phase, s.aw, s.slot = [], 0, False, Phase.WAITING, -1, -1
-    # 6. compile what resuming needs now: decode and the prefill buckets of those prompts
-    # (other shapes compile when first used, as in any JAX deployment).
-    seq_lens = {1} | {e.bucket(len(s.request.prompt)) for s in in_flight}
-    e.warm_workers(e.aws + e.ews, seq_lens)
-    phase("compile_s")
-    ids = [s.id for s in in_flight]
-    e.waiting = ids + [r for r in e.waiting if r not in ids]
-    if e.engine_cfg.resilience.snapshots:
-      e.store = self.new_store()
-    self._failed = []
-    record = dict(phases, total_s=time.perf_counter() - start, requests=ids,
-                  recomputed_tokens=recomputed, plan=dataclasses.asdict(plan))
-    self.restarts.append(record)
-    tl.add("global_restart", **record)
-
-  def _cannot_serve(self, cause: str):
-    """No cluster could be rebuilt: every request fails, and so will later ones (no AW)."""
-    e = self.e
-    for w in e.aws + e.ews:
-      if w is not None:
-        w.kill()
-    e.aws, e.ews, e.slot_owner, e.active_tables = [], [], [], []
-    for s in [s for s in e.requests.values() if not s.finished]:
-      e.fail_request(s, cause)
-    e.timeline.add("global_restart_failed", error=cause)
-
-  def summary(self) -> dict:
-    out = super().summary()
-    out["restarts"] = [{k: v for k, v in r.items() if k != "requests"} for r in self.restarts]
-    out["recomputed_tokens"] += sum(r["recomputed_tokens"] for r in self.restarts)
-    return out
+  def workers_failed(self, state: ClusterState, event: WorkersFailed) -> list[Action]:
+    return [RestartAll(shrink=(event.kind,))]

@@ -214,7 +214,7 @@ class ProcessRuntime:
     rc = engine.engine_cfg.resilience
     self.resilience = rc
     start = _bound(rc, "start_timeout_s")
-    p = engine.placement
+    p = engine.state.placement
     workers = []
     try:
       for kind, index, cell in specs:

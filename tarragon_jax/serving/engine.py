@@ -28,11 +28,11 @@ from tarragon_jax.checkpoint import check_fingerprint, save_checkpoint, weights_
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.params import ExpertParams, ModelParams, abstract_params
 from tarragon_jax.mesh.cells import Cell
+from tarragon_jax.resilience.cluster_state import ClusterState
 from tarragon_jax.resilience.detector import Detector, WorkerTimeout
 from tarragon_jax.resilience.faults import Fault, FaultInjector, check_schedule
-from tarragon_jax.resilience.global_restart import GlobalRestart
+from tarragon_jax.resilience.recovery import Recovery, policy_class
 from tarragon_jax.resilience.routing_table import RoutingTable
-from tarragon_jax.resilience.tarragon import Tarragon
 from tarragon_jax.resilience.timeline import Timeline
 from tarragon_jax.runtime.local import LocalRuntime
 from tarragon_jax.serving.engine_config import EngineConfig, ResilienceConfig
@@ -70,7 +70,6 @@ class Engine(LayerExchange, Frontend):
     self.detector = Detector(rc.detection, self.timeline)
     self.runtime = LocalRuntime() if runtime is None else runtime
     self.devices = list(self.runtime.devices() if devices is None else devices)
-    self.lost_devices: list = []
     self.transfers = self.runtime.transfers()
     # Replacements and restarts load weights from `weights_dir`: its fingerprint must be that of
     # the weights served here, or a rebuilt worker would serve another model without an error.
@@ -86,11 +85,11 @@ class Engine(LayerExchange, Frontend):
     self.seq_lens: set[int] = {1}  # step lengths T seen so far (replacements compile them)
     self.hot_cells: set[tuple] = set()  # (kind, devices) compiled for by `warm_up`
     self._logged: dict[int, tuple] = {}  # aw -> (store, seq, rows) of its last step logged
+    self.state: ClusterState | None = None  # the cluster, as the control plane knows it
     self.build(params, self.devices)
-    self.store = None
-    self.recovery = (Tarragon if rc.recovery == "tarragon" else GlobalRestart)(self)
+    self.recovery = Recovery(self, policy_class(rc.recovery)(rc))
     if rc.snapshots:
-      self.store = self.recovery.new_store()
+      self.state.store = self.recovery.new_store()
     self.arm_faults(faults)
 
   def arm_faults(self, faults: Iterable[Fault]):
@@ -101,34 +100,39 @@ class Engine(LayerExchange, Frontend):
         schedule stays armed).
     """
     faults = tuple(faults)
-    check_schedule(faults, num_aw=self.plan.num_aw, num_ew=self.plan.num_ew,
-                   num_layers=self.cfg.num_layers, aw_cell_size=self.plan.devices_per_aw,
-                   ew_cell_size=self.plan.devices_per_ew)
+    check_schedule(faults, num_aw=self.state.plan.num_aw, num_ew=self.state.plan.num_ew,
+                   num_layers=self.cfg.num_layers, aw_cell_size=self.state.plan.devices_per_aw,
+                   ew_cell_size=self.state.plan.devices_per_ew)
     self.injector = FaultInjector(faults)
     self.t0 = time.perf_counter()
     self._fault_step0 = self.iteration
 
   def build(self, params: ModelParams, devices, plan=None):
-    """Carves cells from `devices` and puts every worker's weights on its cell."""
+    """Carves cells from `devices`, puts every worker's weights on its cell, and starts a new
+    `ClusterState` (devices lost before stay lost; the store, if any, stays)."""
     plan = plan or self.engine_cfg.plan
     ec = self.engine_cfg
-    self.plan = plan
     self.cells = self.runtime.carve(plan, devices)
-    self.spares = list(self.cells.spares)
-    self.placement = place(self.cfg.num_layers, self.cfg.num_experts, plan.num_ew,
-                           ec.ew_slots_per_layer, ec.shadows_per_expert)
+    placement = place(self.cfg.num_layers, self.cfg.num_experts, plan.num_ew,
+                      ec.ew_slots_per_layer, ec.shadows_per_expert)
+    base_table = RoutingTable.from_placement(placement)
+    old = self.state
+    self.state = ClusterState(
+        plan=plan, placement=placement, aws=[], ews=[], slot_owner=[], base_table=base_table,
+        table=base_table, spares=list(self.cells.spares),
+        lost_devices=[] if old is None else old.lost_devices,
+        store=None if old is None else old.store)
     if self.runtime.remote:  # every process starts side by side
       workers = self.runtime.start_workers(
           self, [("aw", i, c) for i, c in enumerate(self.cells.aw)]
           + [("ew", i, c) for i, c in enumerate(self.cells.ew)])
-      self.aws, self.ews = workers[:len(self.cells.aw)], workers[len(self.cells.aw):]
+      aws, ews = workers[:len(self.cells.aw)], workers[len(self.cells.aw):]
     else:
-      self.aws = [self.make_worker("aw", i, c, params) for i, c in enumerate(self.cells.aw)]
-      self.ews = [self.make_worker("ew", i, c, params) for i, c in enumerate(self.cells.ew)]
-    self.failed_ews: set[int] = set()
-    self.slot_owner: list[list[int] | None] = [[-1] * ec.slots_per_aw for _ in self.aws]
-    self.base_table = RoutingTable.from_placement(self.placement)
-    self.set_routing_table(self.base_table)
+      aws = [self.make_worker("aw", i, c, params) for i, c in enumerate(self.cells.aw)]
+      ews = [self.make_worker("ew", i, c, params) for i, c in enumerate(self.cells.ew)]
+    self.state.aws, self.state.ews = aws, ews
+    self.state.slot_owner = [[-1] * ec.slots_per_aw for _ in aws]
+    self.set_routing_table(base_table)
 
   # -- routing ---------------------------------------------------------------------------------
 
@@ -148,7 +152,7 @@ class Engine(LayerExchange, Frontend):
   def install_table(self, table: RoutingTable):
     """`set_routing_table` for the recovery, which may leave experts with no live replica
     unreachable (-1: a token routed there fails its request, see `datapath.aw_combine`)."""
-    p = self.placement
+    p = self.state.placement
     if table.slots_per_layer != p.slots_per_layer or table.replicas.shape[:2] != (
         p.num_layers, p.num_experts):
       raise ValueError(
@@ -164,14 +168,15 @@ class Engine(LayerExchange, Frontend):
       if held != e:
         raise ValueError(f"routing table sends layer {l} expert {e} to slot {slot} (EW {ew}), "
                          f"which holds expert {held}")
-      if ew in self.failed_ews:
+      if ew in self.state.failed_ews:
         raise ValueError(f"routing table sends layer {l} expert {e} to slot {slot} on EW {ew}, "
-                         f"which was declared failed (failed EWs: {sorted(self.failed_ews)}); "
+                         f"which was declared failed (failed EWs: "
+                         f"{sorted(self.state.failed_ews)}); "
                          "route it to a replica on a live EW")
-    self.table = table
-    self.ew_slots = table.computed_slots(self.base_table, p.num_ew)
+    self.state.table = table
+    self.ew_slots = table.computed_slots(self.state.base_table, p.num_ew)
     self.active_tables = [aw.put(table.active) if owners is not None else None
-                          for aw, owners in zip(self.aws, self.slot_owner)]
+                          for aw, owners in zip(self.state.aws, self.state.slot_owner)]
 
   # -- requests --------------------------------------------------------------------------------
 
@@ -199,7 +204,7 @@ class Engine(LayerExchange, Frontend):
       WorkerDead: the store failed (it is handed to the recovery, which starts a new one; the
         work it had not applied is lost).
     """
-    store = self.store
+    store = self.state.store
     if store is None:
       return
     deadline = time.perf_counter() + timeout_s
@@ -225,13 +230,13 @@ class Engine(LayerExchange, Frontend):
     still = []
     for rid in self.waiting:
       state = self.requests[rid]
-      free = [a for a, owners in enumerate(self.slot_owner) if owners is not None and -1 in owners]
+      free = [a for a in self.state.live_aws() if -1 in self.state.slot_owner[a]]
       if state.arrival > now or not free:
         still.append(rid)
         continue
-      a = min(free, key=lambda a: (sum(o >= 0 for o in self.slot_owner[a]), a))
-      slot = self.slot_owner[a].index(-1)
-      self.slot_owner[a][slot] = rid
+      a = min(free, key=lambda a: (sum(o >= 0 for o in self.state.slot_owner[a]), a))
+      slot = self.state.slot_owner[a].index(-1)
+      self.state.slot_owner[a][slot] = rid
       state.aw, state.slot, state.cached = a, slot, 0
       state.phase = Phase.PREFILL if not state.tokens else Phase.DECODE
       if state.restore:
@@ -246,13 +251,13 @@ class Engine(LayerExchange, Frontend):
 
   def _batches(self):
     """Per-AW (tokens, n_new, fresh, rows) for this iteration, or None for an idle AW."""
-    placed = [self.requests[r] for owners in self.slot_owner if owners for r in owners if r >= 0]
+    placed = [self.requests[r] for a in self.state.live_aws() for r in self.state.requests_on(a)]
     extend = [s for s in placed if len(s.feed) > 1 or s.cached == 0]
     rows_of = extend if extend else placed
     T = self.bucket(max(len(s.feed) for s in extend)) if extend else 1
     B = self.engine_cfg.slots_per_aw
     batches = []
-    for a in range(len(self.aws)):
+    for a in range(len(self.state.aws)):
       rows = [s for s in rows_of if s.aw == a]
       if not rows:
         batches.append(None)
@@ -272,7 +277,7 @@ class Engine(LayerExchange, Frontend):
     if not self.injector.pending:
       return
     now = time.perf_counter()
-    store = self.store
+    store = self.state.store
 
     def flushing() -> bool:
       return store is not None and store.health is Health.ALIVE and store.flushing
@@ -293,9 +298,9 @@ class Engine(LayerExchange, Frontend):
     self._deliver()
     try:
       ran = self._step()
-    except self.recovery.Restart:  # the baseline: everything was torn down and rebuilt
+    except self.recovery.Restart as restart:  # the policy restarts everything (the baseline)
       self.iteration += 1
-      self.recovery.restart()
+      self.recovery.restart(restart.action)
       ran = True
     self._deliver()
     return ran
@@ -306,7 +311,7 @@ class Engine(LayerExchange, Frontend):
     batches, T = self._batches()
     live = [a for a, b in enumerate(batches) if b is not None]
     self.recovery.placed(busy=bool(live))
-    if self.waiting and all(o is None for o in self.slot_owner) and not self.recovery.aw_coming:
+    if self.waiting and not self.state.live_aws() and not self.recovery.aw_coming:
       for rid in list(self.waiting):
         self.fail_request(self.requests[rid], "no attention worker is alive and no replacement "
                           "is being built (no spare devices left)")
@@ -316,7 +321,7 @@ class Engine(LayerExchange, Frontend):
       return False
     seq = self.iteration
     self.seq_lens.add(T)
-    begun = self._call_all({a: (self.aws[a], lambda w, a=a: w.begin(*batches[a][:3]))
+    begun = self._call_all({a: (self.state.aws[a], lambda w, a=a: w.begin(*batches[a][:3]))
                             for a in live})
     for a, out in begun.items():
       if out is None:
@@ -329,7 +334,7 @@ class Engine(LayerExchange, Frontend):
       self.recovery.probe_idle()
       live = self.run_layer(layer, live, capacity)
     sampled, kvs = {}, {}
-    outs = self._call_all({a: (self.aws[a], lambda w, a=a: w.sample(
+    outs = self._call_all({a: (self.state.aws[a], lambda w, a=a: w.sample(
         *self._sampling_arrays(batches[a][3]))) for a in live})
     for a, out in outs.items():
       if out is None:
@@ -337,7 +342,7 @@ class Engine(LayerExchange, Frontend):
         live.remove(a)
         continue
       sampled[a], kvs[a] = out
-    self.detector.wait({self.aws[a].name: (self.aws[a], getattr(sampled[a], "is_ready",
+    self.detector.wait({self.state.aws[a].name: (self.state.aws[a], getattr(sampled[a], "is_ready",
                                                                  lambda: True))
                         for a in live})
     self.iteration += 1
@@ -358,12 +363,12 @@ class Engine(LayerExchange, Frontend):
     fault-free throughput on 2 cores. An accelerator's KV goes as the device array, so that the
     device-to-host transfer stays off the serving thread (the store's thread makes it).
     """
-    if self.store is None:
+    if self.state.store is None:
       return
     if isinstance(kv, jax.Array) and next(iter(kv.devices())).platform == "cpu":
       kv = np.array(kv)
-    last, self._logged[a] = self._logged.get(a), (self.store, seq, rows)
-    if T == 1 and last is not None and last[0] is self.store and last[1] == seq - 1 \
+    last, self._logged[a] = self._logged.get(a), (self.state.store, seq, rows)
+    if T == 1 and last is not None and last[0] is self.state.store and last[1] == seq - 1 \
         and last[2] == rows:
       self._to_store("log_step", a, seq, None, kv)
     else:
@@ -371,7 +376,7 @@ class Engine(LayerExchange, Frontend):
                      kv)
 
   def _to_store(self, method: str, *args):
-    store = self.store
+    store = self.state.store
     if store is None:
       return
     try:
@@ -408,15 +413,16 @@ class Engine(LayerExchange, Frontend):
     if seq_lens is None:
       seq_lens = [1] + all_buckets(self.engine_cfg.min_prefill_bucket, self.cfg.max_seq_len)
     self.seq_lens |= set(seq_lens)
-    self.warm_workers(self.aws + self.ews)
+    self.warm_workers(self.state.aws + self.state.ews)
     # Hot spares: compile on the spare devices too, so a replacement built there after a
     # failure only loads weights (a background compile would compete with serving).
     if self.runtime.remote:  # replacements are new processes (the compile cache serves them)
       return
     zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_params(self.cfg))
-    for kind, size in (("aw", self.plan.devices_per_aw), ("ew", self.plan.devices_per_ew)):
-      for i in range(0, len(self.spares) - size + 1, size):
-        devices = tuple(self.spares[i:i + size])
+    plan = self.state.plan
+    for kind, size in (("aw", plan.devices_per_aw), ("ew", plan.devices_per_ew)):
+      for i in range(0, len(self.state.spares) - size + 1, size):
+        devices = tuple(self.state.spares[i:i + size])
         standby = self.make_worker(kind, 0, Cell(f"spare{i}", devices), zeros)
         self.warm_worker(standby)
         standby.kill()
@@ -434,8 +440,8 @@ class Engine(LayerExchange, Frontend):
       return AttentionWorker(index, cell, self.cfg, params, self.engine_cfg.slots_per_aw,
                              self.transfers, self.engine_cfg.resilience.snapshots)
     if isinstance(params, ModelParams):
-      params = ew_weights(params, self.placement, index)
-    return ExpertWorker(index, cell, self.cfg, params, self.placement.num_ew, self.transfers)
+      params = ew_weights(params, self.state.placement, index)
+    return ExpertWorker(index, cell, self.cfg, params, self.state.placement.num_ew, self.transfers)
 
   def warm_worker(self, w, seq_lens=None):
     """Compiles a worker's executables for step lengths `seq_lens` (default: all seen)."""
@@ -445,11 +451,11 @@ class Engine(LayerExchange, Frontend):
     """`warm_worker` for several workers (worker processes compile side by side)."""
     seq_lens = sorted(list(self.seq_lens if seq_lens is None else seq_lens))
     B, X = self.engine_cfg.slots_per_aw, self.cfg.top_k
-    S = self.placement.slots_per_layer
-    ew_slots = sorted(set(self.base_table.computed_slots(self.base_table, len(self.ews))) | {S})
-    pending = [w.warm_up(seq_lens, len(self.ews), S, w.put(self.base_table.active))
+    S, base = self.state.placement.slots_per_layer, self.state.base_table
+    ew_slots = sorted(set(base.computed_slots(base, len(self.state.ews))) | {S})
+    pending = [w.warm_up(seq_lens, len(self.state.ews), S, w.put(base.active))
                if w.name.startswith("aw")
-               else w.warm_up([B * T * X for T in seq_lens], len(self.aws), ew_slots)
+               else w.warm_up([B * T * X for T in seq_lens], len(self.state.aws), ew_slots)
                for w in workers]
     bound = self.engine_cfg.resilience.warm_up_timeout_s
     for w, out in zip(workers, pending):

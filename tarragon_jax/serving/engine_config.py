@@ -7,15 +7,16 @@ import dataclasses
 from tarragon_jax.mesh.cells import CellPlan
 from tarragon_jax.resilience.detector import DetectionConfig
 from tarragon_jax.resilience.kv_archive import CHUNK
-
-RECOVERY_MODES = ("tarragon", "global_restart")
+from tarragon_jax.resilience.recovery import policy_class
 
 
 @dataclasses.dataclass(frozen=True)
 class ResilienceConfig:
   """How failures are detected and repaired."""
 
-  recovery: str = "tarragon"  # or "global_restart" (the MegaScale-like baseline)
+  # The recovery policy: "tarragon", "global_restart" (the MegaScale-like baseline), or
+  # "package.module:ClassName" for a `RecoveryPolicy` of your own (README, "Recovery policies").
+  recovery: str = "tarragon"
   snapshots: bool = True  # AWs log KV to the snapshot store (per-request restore)
   detection: DetectionConfig = DetectionConfig()
   replace_failed: bool = True  # failed AWs/EWs get a replacement on spare devices
@@ -33,9 +34,7 @@ class ResilienceConfig:
   close_timeout_s: float = 30.0  # `Engine.close`: background builds and the store stop
 
   def __post_init__(self):
-    if self.recovery not in RECOVERY_MODES:
-      raise ValueError(f"ResilienceConfig: recovery={self.recovery!r}; use one of "
-                       f"{RECOVERY_MODES}")
+    policy_class(self.recovery)  # an unknown policy is refused here, naming what would do
     if not self.flush_interval_s > 0:
       raise ValueError(f"ResilienceConfig: flush_interval_s={self.flush_interval_s} must be > 0")
     for name in ("start_timeout_s", "build_timeout_s", "warm_up_timeout_s", "close_timeout_s"):

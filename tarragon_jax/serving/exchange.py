@@ -26,9 +26,10 @@ class LayerExchange:
     An AW that is dead or silent past the detection window is handed to the recovery and
     left out (the EWs stop waiting for it at this layer).
     """
-    num_ew, S = len(self.ews), self.placement.slots_per_layer
-    calls = {a: (self.aws[a], lambda w, a=a: w.attend(layer, self.active_tables[a], num_ew, S))
-             for a in live if self.slot_owner[a] is not None}  # (None: declared meanwhile)
+    num_ew, S = len(self.state.ews), self.state.placement.slots_per_layer
+    calls = {a: (self.state.aws[a],
+                 lambda w, a=a: w.attend(layer, self.active_tables[a], num_ew, S))
+             for a in live if self.state.slot_owner[a] is not None}  # (None: declared meanwhile)
     packed = {}
     for a, out in self._call_all(calls).items():
       if out is None:
@@ -75,13 +76,13 @@ class LayerExchange:
 
   def send_to_experts(self, packed: dict[int, tuple], capacity: int) -> list[list | None]:
     """Buffers to the EWs; inbox[m][a] is AW a's packed buffer for EW m (None: EW failed)."""
-    ews = [m for m in range(len(self.ews)) if m not in self.failed_ews]
-    inbox: list[list | None] = [None] * len(self.ews)
+    ews = self.state.live_ews()
+    inbox: list[list | None] = [None] * len(self.state.ews)
     for m in ews:
-      inbox[m] = [self.ews[m].empty_buffer(capacity) for _ in self.aws]
+      inbox[m] = [self.state.ews[m].empty_buffer(capacity) for _ in self.state.aws]
     keys = [(m, a) for a in packed for m in ews]
     sent = self.transfers.send_many(
-        [(packed[a][0][m], self.ews[m].cell.replicated()) for m, a in keys])
+        [(packed[a][0][m], self.state.ews[m].cell.replicated()) for m, a in keys])
     for (m, a), buf in zip(keys, sent):
       inbox[m][a] = buf
     return inbox
@@ -92,7 +93,7 @@ class LayerExchange:
     EWs that are dead or declared failed are missing from the result.
     """
     calls = {m: (ew, lambda w, m=m: w.run_layer(layer, inbox[m], self.ew_slots[m]))
-             for m, ew in enumerate(self.ews) if inbox[m] is not None}
+             for m, ew in enumerate(self.state.ews) if inbox[m] is not None}
     return {m: out for m, out in self._call_all(calls).items() if out is not None}
 
   def send_to_attention(self, results: dict[int, tuple], aws: Iterable[int],
@@ -101,14 +102,14 @@ class LayerExchange:
     routed to an EW that sent nothing fails its request, see `AttentionWorker.missing`)."""
     keys = [(a, m) for m in results for a in aws]
     sent = self.transfers.send_many(
-        [(results[m][a], self.aws[a].cell.replicated()) for a, m in keys])
-    outbox = {a: [self.aws[a].missing(capacity)] * len(self.ews) for a in aws}
+        [(results[m][a], self.state.aws[a].cell.replicated()) for a, m in keys])
+    outbox = {a: [self.state.aws[a].missing(capacity)] * len(self.state.ews) for a in aws}
     for (a, m), out in zip(keys, sent):
       outbox[a][m] = out
     return outbox
 
   def combine(self, layer: int, outbox: dict[int, list]):
-    calls = {a: (self.aws[a], lambda w, r=results: w.combine(layer, r))
+    calls = {a: (self.state.aws[a], lambda w, r=results: w.combine(layer, r))
              for a, results in outbox.items()}
     for a, out in self._call_all(calls).items():
       if out is None:
@@ -123,11 +124,11 @@ class LayerExchange:
     """
     pending = self.attend(layer, live)
     live = list(pending)
-    num_ew, S = len(self.ews), self.placement.slots_per_layer
+    num_ew, S = len(self.state.ews), self.state.placement.slots_per_layer
     outbox: dict[int, list] = {}
     while pending:
       results = self.run_experts(layer, self.send_to_experts(pending, capacity))
-      failed = [m for m in range(len(self.ews)) if m not in results and m not in self.failed_ews]
+      failed = [m for m in self.state.live_ews() if m not in results]
       affected = set()
       if failed:
         affected = {a for a in pending if np.asarray(pending[a][1])[failed].any()}
@@ -138,7 +139,7 @@ class LayerExchange:
       if affected:
         self.timeline.add("replay", layer=layer, aws=sorted(affected), failed_ews=failed)
         for a in sorted(affected):
-          out = self._call(self.aws[a], lambda w, a=a: w.replay(layer, self.active_tables[a],
+          out = self._call(self.state.aws[a], lambda w, a=a: w.replay(layer, self.active_tables[a],
                                                                    num_ew, S))
           if out is None:
             self.recovery.aw_failed(a, layer)

@@ -128,7 +128,7 @@ class Frontend:
     """Ends a request with a terminal error on its stream; its slot and snapshots are freed."""
     if s.finished:
       return
-    owners = self.slot_owner[s.aw] if 0 <= s.aw < len(self.slot_owner) else None
+    owners = self.state.slot_owner[s.aw] if 0 <= s.aw < len(self.state.slot_owner) else None
     if owners is not None and owners[s.slot] == s.id:
       owners[s.slot] = -1
     if s.id in self.waiting:
@@ -141,7 +141,7 @@ class Frontend:
 
   def _bad_row_cause(self) -> str:
     """Why a row's result could not be computed (`datapath.BAD_TOKEN`)."""
-    holes = self.table.unreachable()
+    holes = self.state.table.unreachable()
     if holes:
       pairs = ", ".join(f"expert {e} of layer {l}" for l, e in holes[:6])
       return (f"its tokens were routed where no live replica is left ({pairs}"
@@ -171,7 +171,7 @@ class Frontend:
       if s.finished_by(token):
         s.phase = Phase.DONE
         self._open -= 1
-        self.slot_owner[s.aw][s.slot] = -1
+        self.state.slot_owner[s.aw][s.slot] = -1
         self._to_store("forget", s.id)
 
   def _deliver(self):
