@@ -32,6 +32,7 @@ from absl import app  # noqa: E402
 import tarragon_jax as tj  # noqa: E402
 from experiments import launch_config  # noqa: E402
 from tarragon_jax.serving.engine import Engine  # noqa: E402
+from tarragon_jax.worker import datapath  # noqa: E402
 from tarragon_jax.worker.requests import Request  # noqa: E402
 
 _CONFIG, _WORKDIR, _CACHE = launch_config.define_flags("configs/bench_engine.py")
@@ -87,11 +88,13 @@ def layer_pass(engine: Engine, layer: int, sync: bool) -> dict:
   one block at the end. Also returns the bytes and arrays sent each way.
   """
   B, top_k = engine.engine_cfg.slots_per_aw, engine.cfg.top_k
+  step = engine.iteration
   for aw in engine.state.aws:  # a decode batch over every slot; the x of a previous pass is dropped
-    aw.begin(np.zeros((B, 1), np.int32), np.ones((B,), np.int32), np.zeros((B,), bool))
+    aw.begin(step, np.zeros((B, 1), np.int32), np.ones((B,), np.int32), np.zeros((B,), bool))
   jax.block_until_ready([aw.x for aw in engine.state.aws])
-  aws, tr, live = engine.state.aws, engine.transfers, list(range(len(engine.state.aws)))
-  capacity = B * top_k
+  aws, ews, tr = engine.state.aws, engine.state.ews, engine.transfers
+  live, capacity = list(range(len(aws))), B * top_k
+  num_ew, S = len(ews), engine.state.placement.slots_per_layer
   times, moved = {}, {}
   clock = [time.perf_counter()]
 
@@ -104,19 +107,27 @@ def layer_pass(engine: Engine, layer: int, sync: bool) -> dict:
     engine.run_layer(layer, live, capacity)
     jax.block_until_ready([aw.x for aw in aws])
     return dict(total=time.perf_counter() - clock[0])
-  packed = engine.attend(layer, live)
+  # AttentionWorker.attend, ExpertWorker.run_layer and AttentionWorker.combine, taken apart so
+  # that the data plane's sends are timed alone.
+  packed = [aw._attend(layer, aw.active, num_ew, S) for aw in aws]
   mark("attend", packed)
   b0, c0 = tr.bytes, tr.count
-  inbox = engine.send_to_experts(packed, capacity)
+  for a, aw in enumerate(aws):
+    aw.plane.send([(f"ew{m}", (step, layer, 0, aw.name), packed[a][0][m]) for m in range(num_ew)])
   moved["to_ew"] = (tr.bytes - b0, tr.count - c0)
+  inbox = [tuple(ew.plane.take((step, layer, 0, f"aw{a}")) for a in live) for ew in ews]
   mark("send_to_ew", inbox)
-  results = engine.run_experts(layer, inbox)
-  mark("experts", results)
+  outs = [datapath.ew_experts(ew.weights, engine.cfg, layer, inbox[m], num_ew=num_ew,
+                              slots=engine.ew_slots[m]) for m, ew in enumerate(ews)]
+  mark("experts", outs)
   b0, c0 = tr.bytes, tr.count
-  outbox = engine.send_to_attention(results, live, capacity)
+  for m, ew in enumerate(ews):
+    ew.plane.send([(f"aw{a}", (step, layer, 0, ew.name), outs[m][a]) for a in live])
   moved["to_aw"] = (tr.bytes - b0, tr.count - c0)
-  mark("send_to_aw", outbox)
-  engine.combine(layer, outbox)
+  results = [[aw.plane.take((step, layer, 0, f"ew{m}")) for m in range(num_ew)] for aw in aws]
+  mark("send_to_aw", results)
+  for a, aw in enumerate(aws):
+    aw._combine(layer, results[a])
   mark("combine", [aw.x for aw in aws])
   return dict(phases=times, moved=moved)
 

@@ -132,6 +132,7 @@ def _throughput(cd, cfg, params, weights_dir, spawner) -> list[dict]:
       prompts = rng.integers(0, cfg.vocab_size, (cd.throughput_requests, cd.workload.prompt_len))
       for name in order:
         engine = engines[name]
+        bytes0, steps0 = _driver_bytes(engine), engine.iteration
         start = time.perf_counter()
         outs = engine.generate(prompts.tolist(), cd.throughput_output_len)
         engine.settle(durable=False)
@@ -139,13 +140,38 @@ def _throughput(cd, cfg, params, weights_dir, spawner) -> list[dict]:
         engine.settle()
         records.append(dict(run="throughput", variant=name, rep=rep, seconds=seconds,
                             settle_s=time.perf_counter() - start - seconds,
-                            throughput_tok_s=sum(map(len, outs)) / seconds))
+                            throughput_tok_s=sum(map(len, outs)) / seconds,
+                            driver_bytes_per_step=_per_step(
+                                bytes0, _driver_bytes(engine), engine.iteration - steps0)))
         engine.release()  # a benchmark's engines would otherwise keep every request they served
         logging.info("throughput %s rep %d: %.0f tok/s", name, rep,
                      records[-1]["throughput_tok_s"])
   finally:
     _close(engines)
   return records
+
+
+# The per-layer datapath's calls: the activations (hidden states, expert outputs) of a step
+# would pass through the driver in their messages; tokens, KV and control are the others'.
+DATAPATH_METHODS = ("attend", "run_layer", "combine")
+
+
+def _driver_bytes(engine) -> dict | None:
+  """The array bytes that passed through the driver per worker method (process runtime)."""
+  return engine.runtime.driver_bytes() if engine.runtime.remote else None
+
+
+def _per_step(before: dict | None, after: dict | None, steps: int) -> dict | None:
+  """Array bytes per step through the driver between two `_driver_bytes`: activations (the
+  floating-point arrays of the datapath's messages), the rest of the datapath's (routing
+  counts), and every other method's (tokens, sampling state, KV, tables)."""
+  if after is None or not steps:
+    return None
+  delta = {m: [t - before.get(m, (0, 0))[i] for i, t in enumerate(v)] for m, v in after.items()}
+  datapath = [delta.get(m, [0, 0]) for m in DATAPATH_METHODS]
+  return dict(activations=sum(f for _, f in datapath) / steps,
+              datapath_other=sum(t - f for t, f in datapath) / steps,
+              other=sum(t for m, (t, _) in delta.items() if m not in DATAPATH_METHODS) / steps)
 
 
 def _close(engines: dict):
@@ -271,6 +297,15 @@ def _report(runs: list[dict], throughput: list[dict], cd) -> dict:
                                                                 tp["local_runtime"])))
     print(f"process runtime / local runtime throughput: {out['throughput_process_local']:.3f} "
           f"(local {med['local_runtime']:.0f} tok/s)")
+  per_step = [r["driver_bytes_per_step"] for r in throughput
+              if r["variant"] == "snapshots_on" and r.get("driver_bytes_per_step")]
+  if per_step:
+    out["driver_bytes_per_step"] = {k: float(np.median([p[k] for p in per_step]))
+                                    for k in per_step[0]}
+    b = out["driver_bytes_per_step"]
+    print(f"through the driver per step (Tarragon): activation bytes {b['activations']:.0f}; "
+          f"routing counts {b['datapath_other']:.0f} B; tokens, KV and control "
+          f"{b['other']:.0f} B")
   return out
 
 

@@ -355,7 +355,8 @@ def _layer_times(engine, reps: int) -> list[float]:
   out = []
   for r in range(reps + 1):  # the first pass is not recorded
     for aw in engine.state.aws:
-      wait(aw.begin(np.zeros((B, 1), np.int32), np.ones((B,), np.int32), np.zeros((B,), bool)))
+      wait(aw.begin(engine.iteration, np.zeros((B, 1), np.int32), np.ones((B,), np.int32),
+                    np.zeros((B,), bool)))
     _settle(engine)
     start = time.perf_counter()
     engine.run_layer(r % cfg.num_layers, list(range(len(engine.state.aws))), B * cfg.top_k)

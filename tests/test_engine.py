@@ -18,12 +18,12 @@ import pytest
 import tarragon_jax as tj
 from tarragon_jax.layers.params import ExpertParams
 from tarragon_jax.mesh.cells import CellPlan
-from tarragon_jax.mesh.transfer import Transfers
 from tarragon_jax.resilience.routing_table import RoutingTable
 from tarragon_jax.serving.engine import Engine, EngineConfig
 from tarragon_jax.serving.metrics import compile_count
 from tarragon_jax.serving.reference import reference_greedy
 from tarragon_jax.worker import datapath
+from tarragon_jax.worker.dataplane import LocalPlane
 from tarragon_jax.worker.placement import place
 from tarragon_jax.worker.requests import Request
 from tarragon_jax.worker.workers import ExpertWorker, ew_weights
@@ -319,15 +319,17 @@ def test_an_ew_warms_up_for_the_kind_of_buffers_it_is_given(host_inputs):
   cfg, params = _model("mixtral")
   engine = _engine("mixtral")
   placement, S = engine.state.placement, engine.state.placement.slots_per_layer
-  ew = ExpertWorker(0, engine.state.ews[0].cell, cfg, ew_weights(params, placement, 0),
-                    placement.num_ew, Transfers(), host_inputs=host_inputs)
+  cell = engine.state.ews[0].cell
+  ew = ExpertWorker(0, cell, cfg, ew_weights(params, placement, 0), placement.num_ew,
+                    LocalPlane(cell.replicated()), host_inputs=host_inputs)
   capacity = 41 if host_inputs else 43  # shapes no other call compiled: jit's cache is global
   counts = (engine.ew_slots[0], S)
   ew.warm_up([capacity], len(engine.state.aws), counts)
-  host = [datapath.empty_buffer(cfg, capacity)] * len(engine.state.aws)
+  host = (datapath.empty_buffer(cfg, capacity),) * len(engine.state.aws)
   before = compile_count()
-  for slots in counts:
-    jax.block_until_ready(ew.run_layer(1, host, slots))
+  for slots in counts:  # what `ExpertWorker.run_layer` calls with the buffers it receives
+    jax.block_until_ready(datapath.ew_experts(ew.weights, cfg, 1, host, num_ew=placement.num_ew,
+                                              slots=slots))
   assert (compile_count() == before) == host_inputs
 
 

@@ -124,7 +124,6 @@ class Recovery:
     self.fence(state.aws[a])
     rids = state.requests_on(a)
     state.slot_owner[a] = None
-    e.active_tables[a] = None
     for r in rids:
       s = e.requests[r]
       if not s.restore:  # (a request whose restore failed keeps what it had lost first)
@@ -235,7 +234,8 @@ class Recovery:
     else:
       state.aws[index] = b.worker
       state.slot_owner[index] = [-1] * e.engine_cfg.slots_per_aw
-      e.active_tables[index] = b.worker.put(state.table.active)
+      b.worker.set_table(state.table.active)
+    e.link_data_plane()
     e.timeline.add("replacement_joined", worker=f"{kind}{index}", source=b.source,
                    build_s=b.done - b.started, waited_s=time.perf_counter() - b.done,
                    epoch=state.table.epoch, devices=[getattr(d, "id", d) for d in b.cell.devices])

@@ -72,7 +72,6 @@ def restart_all(recovery, shrink=()) -> dict | None:
   if state.store is not None:  # dropped, not failed: nothing declares it
     state.store.stop()
     state.store = None
-  e.active_tables = []
   phase("teardown_s")
   jax.clear_caches()  # 2. every compiled executable
   phase("clear_caches_s")
@@ -120,7 +119,7 @@ def _cannot_serve(e, cause: str):
   for w in state.aws + state.ews:
     if w is not None:
       w.kill()
-  state.aws, state.ews, state.slot_owner, e.active_tables = [], [], [], []
+  state.aws, state.ews, state.slot_owner = [], [], []
   for s in [s for s in e.requests.values() if not s.finished]:
     e.fail_request(s, cause)
   e.timeline.add("global_restart_failed", error=cause)

@@ -215,14 +215,21 @@ class Pending:
   """
 
   def __init__(self, conn: Connection, rid: int, method: str, peer: str, bound: Bound,
-               gone: Callable[[], str | None], slice_s: float = 0.01):
+               gone: Callable[[], str | None], slice_s: float = 0.01,
+               on_reply: Callable[[object], None] | None = None):
     self._conn, self._rid, self.method = conn, rid, method
     self.peer, self.bound, self._gone, self._slice_s = peer, bound, gone, slice_s
+    self._on_reply = on_reply  # called once with the reply (e.g. to count its bytes)
     self._reply = None
+
+  def _got(self, reply):
+    if reply is not None and self._on_reply is not None:
+      self._on_reply(reply)
+    return reply
 
   def arrived(self) -> bool:
     if self._reply is None:
-      self._reply = self._conn.result(self._rid, 0.0)
+      self._reply = self._got(self._conn.result(self._rid, 0.0))
     return self._reply is not None
 
   def result(self, timeout_s: float | None = None, what: str | None = None,
@@ -244,7 +251,7 @@ class Pending:
     if self._reply is None:
       bound = self.bound if timeout_s is None else Bound(
           timeout_s, setting or f"the timeout_s given for {self.method}")
-      self._reply = self._wait(bound, what or f"{self.peer}.{self.method}")
+      self._reply = self._got(self._wait(bound, what or f"{self.peer}.{self.method}"))
     if "error" in self._reply:
       raise RemoteError(f"{self.method} failed in {self.peer}'s process:\n{self._reply['error']}")
     return self._reply.get("result")

@@ -6,10 +6,12 @@ Prints `READY <address> <probe address>` once its endpoint is bound on ADDRESS (
 127.0.0.1), then serves (and exits when the process that started it is gone):
 - {"op": "init", "spec": {...}}: builds the worker: an AW or EW loads its weights with orbax
   (the same `AttentionWorker` / `ExpertWorker` classes the local runtime uses) on this
-  process's device, refusing weights whose fingerprint is not the spec's; a store opens its
-  durable tier (`SnapshotStore`), and the process exits (code 70) if the store's thread dies;
+  process's device, refusing weights whose fingerprint is not the spec's, and binds its data
+  plane (`ZmqPlane`; the reply carries its address: peers send activations there directly); a
+  store opens its durable tier (`SnapshotStore`), and the process exits (code 70) if the
+  store's thread dies;
 - {"op": "call", "method": m, "args": [...]}: calls the worker; device arrays in the result
-  come back as host arrays (the driver moves them on to the next worker);
+  come back as host arrays;
 - {"op": "cast", ...}: a call whose reply nobody reads (none is sent);
 - {"op": "attr", "name": a}: an attribute's value;
 - {"op": "mark"} (store): replied once the store has applied everything sent before it (with
@@ -34,10 +36,10 @@ import numpy as np  # noqa: E402
 from tarragon_jax.checkpoint import load_checkpoint  # noqa: E402
 from tarragon_jax.config import ModelConfig  # noqa: E402
 from tarragon_jax.mesh.cells import Cell  # noqa: E402
-from tarragon_jax.mesh.transfer import Transfers  # noqa: E402
 from tarragon_jax.resilience.snapshot_store import SnapshotStore  # noqa: E402
 from tarragon_jax.runtime import compile_cache  # noqa: E402
 from tarragon_jax.runtime.channel import Endpoint  # noqa: E402
+from tarragon_jax.runtime.peer_plane import ZmqPlane  # noqa: E402
 from tarragon_jax.worker.placement import Placement  # noqa: E402
 from tarragon_jax.worker.workers import AttentionWorker, ExpertWorker, ew_weights  # noqa: E402
 
@@ -64,7 +66,7 @@ def _store_died(err: BaseException):
   os._exit(EXIT_STORE_DIED)
 
 
-def build(spec: dict):
+def build(spec: dict, host: str = "127.0.0.1"):
   cfg = ModelConfig.from_dict(spec["config"])
   if spec["kind"] == "store":
     return SnapshotStore(cfg, spec["directory"], **spec["options"], on_death=_store_died)
@@ -73,16 +75,16 @@ def build(spec: dict):
   _, params = load_checkpoint(spec["weights_dir"], shardings=cell.replicated(),
                               expect=spec.get("fingerprint"))
   if spec["kind"] == "aw":
-    return AttentionWorker(spec["index"], cell, cfg, params, spec["slots"], Transfers(),
+    return AttentionWorker(spec["index"], cell, cfg, params, spec["slots"], ZmqPlane(host),
                            spec["snapshots"], host_inputs=True)
   placement = Placement(spec["num_ew"], spec["slots_per_layer"],
                         np.asarray(spec["contents"]), np.asarray(spec["replicas"]))
-  host = ew_weights(params, placement, spec["index"])
-  return ExpertWorker(spec["index"], cell, cfg, host, spec["num_ew"], Transfers(),
+  experts = ew_weights(params, placement, spec["index"])
+  return ExpertWorker(spec["index"], cell, cfg, experts, spec["num_ew"], ZmqPlane(host),
                       host_inputs=True)
 
 
-def serve(endpoint: Endpoint):
+def serve(endpoint: Endpoint, host: str = "127.0.0.1"):
   worker = None
   marks = []  # (request, store mark) waiting for the store to catch up
   while True:
@@ -99,8 +101,8 @@ def serve(endpoint: Endpoint):
         endpoint.reply(request, {"ok": True})
         return
       if op == "init":
-        worker = build(msg["spec"])
-        reply = {"ok": True}
+        worker = build(msg["spec"], host)
+        reply = {"result": {"address": getattr(worker, "address", None)}}
       elif op == "mark":
         marks.append((request, worker.mark()))
         continue
@@ -128,7 +130,7 @@ def main(argv: list[str]):
   parent = os.getppid()
   threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
   print(f"READY {endpoint.address} {endpoint.probe_address}", flush=True)
-  serve(endpoint)
+  serve(endpoint, host)
 
 
 def _exit_with_parent(parent: int):

@@ -5,9 +5,11 @@
 hosts through their agents) and hands back a `RemoteWorker` proxy with the worker's interface;
 the snapshot store is a process too (`RemoteStore`). A proxy call sends a request and returns a
 `Pending` reply; the engine waits for it inside the exchange, with the same detector as in the
-local runtime (a late reply is silence; the peer's probe thread answers or not). Arrays travel
-between workers through the driver as host arrays. A fault is a real signal: `kill` is SIGKILL,
-`hang` is SIGSTOP.
+local runtime (a late reply is silence; the peer's probe thread answers or not). Activations
+travel between workers directly, over their data planes (`ZmqPlane`: each worker's address
+comes back from its `init`, and the engine hands it to its peers); the driver's messages carry
+control, tokens and KV only, and it counts the array bytes they carry (`ProcessRuntime.bytes`).
+A fault is a real signal: `kill` is SIGKILL, `hang` is SIGSTOP.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import signal
 import numpy as np
 
 from tarragon_jax.mesh.cells import carve
+from tarragon_jax.runtime import wire
 from tarragon_jax.runtime.channel import Bound, Connection, Pending, RemoteError
 from tarragon_jax.runtime.compile_cache import DEFAULT_COMPILE_CACHE
 from tarragon_jax.runtime.remote_store import RemoteStore
 from tarragon_jax.runtime.spawner import LocalSpawner, SpawnError
-from tarragon_jax.worker import datapath
 from tarragon_jax.worker.fault_domain import FaultDomain, Health
 
 
@@ -39,21 +41,6 @@ class ProcessCell:
 
   def replicated(self):
     return None  # arrays reach a process as host arrays; there is no sharding to target
-
-
-class HostTransfers:
-  """The process runtime's `Transfers`: arrays are host arrays already; counts bytes."""
-
-  def __init__(self):
-    self.count = self.bytes = 0
-
-  def send_many(self, items: list[tuple]):
-    trees = [x for x, _ in items]
-    for x in trees:
-      for leaf in (x if isinstance(x, (tuple, list)) else (x,)):
-        self.count += 1
-        self.bytes += np.asarray(leaf).nbytes
-    return trees
 
 
 def _bound(rc, field: str) -> Bound:
@@ -79,6 +66,9 @@ class RemoteWorker(FaultDomain):
     self._deadline = Bound(detection.deadline_s, "DetectionConfig.deadline_s")
     self.child = child
     self.conn = None
+    self.address = None  # its data plane's, once built
+    # (array bytes, of which floating point) sent and received through this proxy, per method
+    self.bytes: dict[str, tuple[int, int]] = {}
 
   def connect(self):
     """Waits for the process to bind its endpoint (Python and JAX start) and connects.
@@ -103,29 +93,36 @@ class RemoteWorker(FaultDomain):
     return why
 
   def _send(self, method: str, message: dict) -> Pending:
+    self._count(method, message)
     return Pending(self.conn, self.conn.send(message), method, self.name,
                    self._bounds.get(method, self._deadline), self.gone,
-                   slice_s=self.probe_s)
+                   slice_s=self.probe_s, on_reply=lambda reply: self._count(method, reply))
+
+  def _count(self, method: str, message):
+    total, floating = wire.array_bytes(message)
+    before = self.bytes.get(method, (0, 0))
+    self.bytes[method] = (before[0] + total, before[1] + floating)
 
   def request(self, method: str, *args) -> Pending:
     return self._send(method, {"op": "call", "method": method, "args": args})
 
+  def cast(self, method: str, *args):
+    """A call whose reply nobody waits for (the worker serves its calls in order, so the next
+    call sees its effect)."""
+    message = {"op": "cast", "method": method, "args": args}
+    self._count(method, message)
+    self.conn.send(message)
+
   def init(self, spec: dict) -> Pending:
-    """Has the process load its weights (orbax) and build its worker."""
+    """Has the process load its weights (orbax) and build its worker; its result carries the
+    worker's data-plane address."""
     return self._send("init", {"op": "init", "spec": spec})
 
-  # -- the worker interface ---------------------------------------------------------------------
+  def set_table(self, active):
+    self.cast("set_table", np.asarray(active))
 
-  def put(self, array):
-    return np.asarray(array)
-
-  def missing(self, capacity: int):
-    """An all-NaN [C, D] host array standing in for an EW that sent this AW nothing: a token
-    that reads it is poisoned (its request fails), never silently given a zero expert output."""
-    return np.full((capacity, self.cfg.hidden_size), np.nan, self.cfg.dtype)
-
-  def empty_buffer(self, capacity: int):
-    return datapath.empty_buffer(self.cfg, capacity)
+  def link(self, peers: dict):
+    self.cast("link", peers)
 
   # -- faults are signals ----------------------------------------------------------------------
 
@@ -160,8 +157,8 @@ def _forward(method: str):
   return call
 
 
-for _method in ("begin", "attend", "replay", "combine", "sample", "restore", "cache_copy",
-                "warm_up", "run_layer", "sync"):
+for _method in ("begin", "attend", "combine", "sample", "restore", "cache_copy", "warm_up",
+                "run_layer", "sync"):
   setattr(RemoteWorker, _method, _forward(_method))
 
 
@@ -189,11 +186,18 @@ class ProcessRuntime:
   def devices(self) -> list:
     return list(self.spawner.slots)
 
+  def driver_bytes(self) -> dict[str, tuple[int, int]]:
+    """(array bytes, of which floating point) that passed through this process to and from
+    the workers, per method (the snapshot store's KV is the store's `bytes_in`)."""
+    out: dict[str, tuple[int, int]] = {}
+    for w in self.workers:
+      for method, (total, floating) in w.bytes.items():
+        before = out.get(method, (0, 0))
+        out[method] = (before[0] + total, before[1] + floating)
+    return out
+
   def carve(self, plan, devices):
     return carve(plan, devices, make_cell=ProcessCell)
-
-  def transfers(self) -> HostTransfers:
-    return HostTransfers()
 
   def start_worker(self, engine, kind: str, index: int, cell: ProcessCell) -> RemoteWorker:
     """Starts the process, then has it load its weights (orbax) and build its worker."""
@@ -232,7 +236,7 @@ class ProcessRuntime:
                            contents=p.contents, replicas=p.replicas)) for w in workers]
       for w, pending in zip(workers, inits):
         try:
-          pending.result()
+          w.address = pending.result()["address"]
         except RemoteError as err:
           raise RemoteError(f"{w.name}: init failed: {err}") from err
     except BaseException:

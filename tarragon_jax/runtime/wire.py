@@ -68,3 +68,22 @@ def decode(frames) -> object:
     return x
 
   return walk(header)
+
+
+def array_bytes(message) -> tuple[int, int]:
+  """(bytes of every array in `message`, bytes of its floating-point arrays), without encoding
+  it: what a message carries as data (the driver counts them, e.g. to show that no activation
+  passes through it)."""
+  total = floating = 0
+  stack = [message]
+  while stack:
+    x = stack.pop()
+    if isinstance(x, dict):
+      stack.extend(x.values())
+    elif isinstance(x, (list, tuple)):
+      stack.extend(x)
+    elif hasattr(x, "__array__") and not isinstance(x, (str, bytes)):
+      a = np.asarray(x)
+      total += a.nbytes
+      floating += a.nbytes if np.issubdtype(a.dtype, np.floating) or a.dtype.kind == "V" else 0
+  return total, floating

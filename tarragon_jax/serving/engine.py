@@ -28,6 +28,7 @@ from tarragon_jax.checkpoint import check_fingerprint, save_checkpoint, weights_
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.params import ExpertParams, ModelParams, abstract_params
 from tarragon_jax.mesh.cells import Cell
+from tarragon_jax.mesh.transfer import Transfers
 from tarragon_jax.resilience.cluster_state import ClusterState
 from tarragon_jax.resilience.detector import Detector, WorkerTimeout
 from tarragon_jax.resilience.faults import Fault, FaultInjector, check_schedule
@@ -42,6 +43,7 @@ from tarragon_jax.serving.metrics import TokenEvent, latency_summary
 from tarragon_jax.serving.streams import RequestFailed
 from tarragon_jax.worker.buckets import all_buckets, bucket
 from tarragon_jax.worker.calls import wait
+from tarragon_jax.worker.dataplane import LocalPlane
 from tarragon_jax.worker.fault_domain import Health, WorkerDead
 from tarragon_jax.worker.placement import place
 from tarragon_jax.worker.requests import Phase, RequestState
@@ -70,7 +72,7 @@ class Engine(LayerExchange, Frontend):
     self.detector = Detector(rc.detection, self.timeline)
     self.runtime = LocalRuntime() if runtime is None else runtime
     self.devices = list(self.runtime.devices() if devices is None else devices)
-    self.transfers = self.runtime.transfers()
+    self.transfers = Transfers()  # the bytes the local data plane moves between cells
     # Replacements and restarts load weights from `weights_dir`: its fingerprint must be that of
     # the weights served here, or a rebuilt worker would serve another model without an error.
     self.weights_fingerprint = weights_fingerprint(params, cfg)
@@ -132,7 +134,22 @@ class Engine(LayerExchange, Frontend):
       ews = [self.make_worker("ew", i, c, params) for i, c in enumerate(self.cells.ew)]
     self.state.aws, self.state.ews = aws, ews
     self.state.slot_owner = [[-1] * ec.slots_per_aw for _ in aws]
+    self.link_data_plane()
     self.set_routing_table(base_table)
+
+  def link_data_plane(self):
+    """Hands every live worker its peers' data-plane addresses: each AW every EW's, each EW
+    every AW's (after a replacement joins, its position's new address)."""
+    state = self.state
+    ews = {f"ew{m}": state.ews[m].address for m in state.live_ews()}
+    aws = {f"aw{a}": state.aws[a].address for a in state.live_aws()}
+    for workers, peers in (([state.aws[a] for a in state.live_aws()], ews),
+                           ([state.ews[m] for m in state.live_ews()], aws)):
+      for w in workers:
+        try:
+          w.link(peers)
+        except WorkerDead:  # (found at its next call)
+          pass
 
   # -- routing ---------------------------------------------------------------------------------
 
@@ -175,8 +192,11 @@ class Engine(LayerExchange, Frontend):
                          "route it to a replica on a live EW")
     self.state.table = table
     self.ew_slots = table.computed_slots(self.state.base_table, p.num_ew)
-    self.active_tables = [aw.put(table.active) if owners is not None else None
-                          for aw, owners in zip(self.state.aws, self.state.slot_owner)]
+    for a in self.state.live_aws():  # (one that has died is found at its next call)
+      try:
+        self.state.aws[a].set_table(table.active)
+      except WorkerDead:
+        pass
 
   # -- requests --------------------------------------------------------------------------------
 
@@ -321,7 +341,7 @@ class Engine(LayerExchange, Frontend):
       return False
     seq = self.iteration
     self.seq_lens.add(T)
-    begun = self._call_all({a: (self.state.aws[a], lambda w, a=a: w.begin(*batches[a][:3]))
+    begun = self._call_all({a: (self.state.aws[a], lambda w, a=a: w.begin(seq, *batches[a][:3]))
                             for a in live})
     for a, out in begun.items():
       if out is None:
@@ -436,12 +456,13 @@ class Engine(LayerExchange, Frontend):
     """
     if self.runtime.remote:  # the worker process loads its own weights
       return self.runtime.start_worker(self, kind, index, cell)
+    plane = LocalPlane(cell.replicated(), self.transfers)
     if kind == "aw":
       return AttentionWorker(index, cell, self.cfg, params, self.engine_cfg.slots_per_aw,
-                             self.transfers, self.engine_cfg.resilience.snapshots)
+                             plane, self.engine_cfg.resilience.snapshots)
     if isinstance(params, ModelParams):
       params = ew_weights(params, self.state.placement, index)
-    return ExpertWorker(index, cell, self.cfg, params, self.state.placement.num_ew, self.transfers)
+    return ExpertWorker(index, cell, self.cfg, params, self.state.placement.num_ew, plane)
 
   def warm_worker(self, w, seq_lens=None):
     """Compiles a worker's executables for step lengths `seq_lens` (default: all seen)."""
@@ -453,7 +474,7 @@ class Engine(LayerExchange, Frontend):
     B, X = self.engine_cfg.slots_per_aw, self.cfg.top_k
     S, base = self.state.placement.slots_per_layer, self.state.base_table
     ew_slots = sorted(set(base.computed_slots(base, len(self.state.ews))) | {S})
-    pending = [w.warm_up(seq_lens, len(self.state.ews), S, w.put(base.active))
+    pending = [w.warm_up(seq_lens, len(self.state.ews), S, base.active)
                if w.name.startswith("aw")
                else w.warm_up([B * T * X for T in seq_lens], len(self.state.aws), ew_slots)
                for w in workers]

@@ -1,42 +1,29 @@
-"""The datapath of one layer across cells, with failure detection inside the exchange.
+"""The datapath of one layer across cells, driven from the control plane; failures found in it.
 
-A mixin of `Engine` (it uses the engine's workers, routing tables, transfers, detector and
-recovery policy). Each phase is a public method so that benchmarks can time it alone:
-`attend` (AWs), `send_to_experts`, `run_experts` (EWs), `send_to_attention`, `combine` (AWs);
-`run_layer` chains them and handles failures: a dead or silent AW is left out of the layer
-and handed to the recovery; a failed EW's tokens are replayed to its shadows.
+A mixin of `Engine` (it uses the engine's cluster state, detector and recovery). The control
+plane sends each worker what to run and whom to expect; the activations go worker to worker
+through their data planes (`worker/dataplane.py`), never through here. Each phase is a public
+method so that benchmarks can time it alone: `attend` (every AW attends, routes, and sends
+each EW its buffer), `run_experts` (every EW runs the buffers it received and sends each AW
+its results), `combine` (every AW adds them in). `run_layer` chains them and handles what
+goes wrong: a dead or silent AW is left out of the layer and handed to the recovery; the AWs
+that had sent tokens to a failed EW, or whose messages were lost, replay the layer (a new
+attempt) under the table the recovery installed.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 
 import numpy as np
 
 from tarragon_jax.worker.fault_domain import WorkerDead
 
+MAX_ATTEMPTS = 4  # replays of one layer for one AW before its missing results stand in as NaN
+
 
 class LayerExchange:
   """One layer through every worker. Mixed into `Engine`."""
-
-  def attend(self, layer: int, live: list[int]) -> dict[int, tuple]:
-    """Each live AW: attention, routing, per-EW buffers. Returns {aw: (buffers, locals)}.
-
-    An AW that is dead or silent past the detection window is handed to the recovery and
-    left out (the EWs stop waiting for it at this layer).
-    """
-    num_ew, S = len(self.state.ews), self.state.placement.slots_per_layer
-    calls = {a: (self.state.aws[a],
-                 lambda w, a=a: w.attend(layer, self.active_tables[a], num_ew, S))
-             for a in live if self.state.slot_owner[a] is not None}  # (None: declared meanwhile)
-    packed = {}
-    for a, out in self._call_all(calls).items():
-      if out is None:
-        self.recovery.aw_failed(a, layer)
-      else:
-        packed[a] = out
-    return packed
 
   def _call(self, worker, fn):
     """Calls a worker; None if it is dead or declared failed after staying silent."""
@@ -74,77 +61,86 @@ class LayerExchange:
       results[key] = out
     return results
 
-  def send_to_experts(self, packed: dict[int, tuple], capacity: int) -> list[list | None]:
-    """Buffers to the EWs; inbox[m][a] is AW a's packed buffer for EW m (None: EW failed)."""
-    ews = self.state.live_ews()
-    inbox: list[list | None] = [None] * len(self.state.ews)
-    for m in ews:
-      inbox[m] = [self.state.ews[m].empty_buffer(capacity) for _ in self.state.aws]
-    keys = [(m, a) for a in packed for m in ews]
-    sent = self.transfers.send_many(
-        [(packed[a][0][m], self.state.ews[m].cell.replicated()) for m, a in keys])
-    for (m, a), buf in zip(keys, sent):
-      inbox[m][a] = buf
-    return inbox
+  @property
+  def _wait_s(self) -> float:
+    """How long a worker waits for a message whose sender has already said it sent it."""
+    return self.engine_cfg.resilience.detection.probe_interval_s
 
-  def run_experts(self, layer: int, inbox: list[list | None]) -> dict[int, tuple]:
-    """Each live EW: one batched expert call over all AWs' buffers; {m: results[a]}.
-
-    EWs that are dead or declared failed are missing from the result.
-    """
-    calls = {m: (ew, lambda w, m=m: w.run_layer(layer, inbox[m], self.ew_slots[m]))
-             for m, ew in enumerate(self.state.ews) if inbox[m] is not None}
-    return {m: out for m, out in self._call_all(calls).items() if out is not None}
-
-  def send_to_attention(self, results: dict[int, tuple], aws: Iterable[int],
-                        capacity: int) -> dict[int, list]:
-    """Results back to the AWs; outbox[a][m] is EW m's output for AW a (NaN if none: a token
-    routed to an EW that sent nothing fails its request, see `AttentionWorker.missing`)."""
-    keys = [(a, m) for m in results for a in aws]
-    sent = self.transfers.send_many(
-        [(results[m][a], self.state.aws[a].cell.replicated()) for a, m in keys])
-    outbox = {a: [self.state.aws[a].missing(capacity)] * len(self.state.ews) for a in aws}
-    for (a, m), out in zip(keys, sent):
-      outbox[a][m] = out
-    return outbox
-
-  def combine(self, layer: int, outbox: dict[int, list]):
-    calls = {a: (self.state.aws[a], lambda w, r=results: w.combine(layer, r))
-             for a, results in outbox.items()}
+  def attend(self, layer: int, attempts: dict[int, int], ews: list[int]) -> dict[int, object]:
+    """AWs {a: attempt} attend, route and send their buffers to EWs `ews`; {a: tokens routed
+    to each EW, i32[W]}. An AW that is dead or silent past the detection window is handed to
+    the recovery and left out."""
+    state, S = self.state, self.state.placement.slots_per_layer
+    step, num_ew = self.iteration, len(state.ews)
+    calls = {a: (state.aws[a], lambda w, n=n: w.attend(step, layer, n, num_ew, S, ews))
+             for a, n in attempts.items() if state.slot_owner[a] is not None}
+    counts = {}
     for a, out in self._call_all(calls).items():
       if out is None:
         self.recovery.aw_failed(a, layer)
+      else:
+        counts[a] = out
+    return counts
+
+  def run_experts(self, layer: int, attempts: dict[int, int], ews: list[int],
+                  capacity: int) -> dict[int, list[int]]:
+    """EWs `ews` run the buffers of AWs {a: attempt} and send each its results; {m: the AWs
+    whose buffers did not reach m}. EWs that are dead or declared failed are missing."""
+    step, num_aw, sources = self.iteration, len(self.state.aws), sorted(attempts.items())
+    calls = {m: (self.state.ews[m], lambda w, m=m: w.run_layer(
+        step, layer, sources, num_aw, self.ew_slots[m], capacity, self._wait_s)) for m in ews}
+    return {m: out for m, out in self._call_all(calls).items() if out is not None}
+
+  def combine(self, layer: int, plan: dict[int, tuple[int, list[int], bool]],
+              capacity: int) -> dict[int, list[int]]:
+    """AWs {a: (attempt, EWs that ran it, force)} add in their results; {a: EWs whose results
+    did not arrive} for the AWs that could not combine (with `force`, those stand in as NaN:
+    rows that read them fail)."""
+    step, num_ew = self.iteration, len(self.state.ews)
+    calls = {a: (self.state.aws[a], lambda w, n=n, ms=ms, f=f: w.combine(
+        step, layer, n, ms, num_ew, capacity, self._wait_s, f))
+        for a, (n, ms, f) in plan.items() if self.state.slot_owner[a] is not None}
+    lost = {}
+    for a, out in self._call_all(calls).items():
+      if out is None:
+        self.recovery.aw_failed(a, layer)
+      elif out:
+        lost[a] = list(out)
+    return lost
 
   def run_layer(self, layer: int, live: list[int], capacity: int) -> list[int]:
-    """One layer across all workers, dispatched asynchronously; returns the AWs still live.
+    """One layer across all workers; returns the AWs still live.
 
-    If an EW fails, the AWs that had sent it tokens replay this layer's exchange under the new
-    routing table (its experts now served by shadows); the replay is dispatched at once, ahead
-    of any later work. Other AWs keep the results they already have.
+    If an EW fails, the AWs that had sent it tokens replay this layer under the new routing
+    table (its experts now served by shadows); the others combine what they have. A message
+    that never arrived (its sender died after saying it sent it) makes its AW replay too.
     """
-    pending = self.attend(layer, live)
-    live = list(pending)
-    num_ew, S = len(self.state.ews), self.state.placement.slots_per_layer
-    outbox: dict[int, list] = {}
-    while pending:
-      results = self.run_experts(layer, self.send_to_experts(pending, capacity))
-      failed = [m for m in self.state.live_ews() if m not in results]
-      affected = set()
+    attempts = {a: 0 for a in live}
+    todo = list(live)
+    while todo:
+      ews = self.state.live_ews()
+      counts = self.attend(layer, {a: attempts[a] for a in todo}, ews)
+      ran = self.run_experts(layer, {a: attempts[a] for a in counts}, ews, capacity)
+      failed = [m for m in ews if m not in ran]
+      again = {a for lost in ran.values() for a in lost}
       if failed:
-        affected = {a for a in pending if np.asarray(pending[a][1])[failed].any()}
+        again |= {a for a in counts if np.asarray(counts[a])[failed].any()}
         self.recovery.ews_failed(failed, layer)
-      outbox.update(self.send_to_attention(results, [a for a in pending if a not in affected],
-                                           capacity))
-      pending = {}
-      if affected:
-        self.timeline.add("replay", layer=layer, aws=sorted(affected), failed_ews=failed)
-        for a in sorted(affected):
-          out = self._call(self.state.aws[a], lambda w, a=a: w.replay(layer, self.active_tables[a],
-                                                                   num_ew, S))
-          if out is None:
-            self.recovery.aw_failed(a, layer)
-            live.remove(a)
-          else:
-            pending[a] = out
-    self.combine(layer, {a: outbox[a] for a in live})
-    return live
+      last = {a for a in counts if attempts[a] + 1 >= MAX_ATTEMPTS}  # no more replays
+      again -= last
+      lost = self.combine(layer, {a: (attempts[a], list(ran), a in last) for a in counts
+                                  if a not in again}, capacity)
+      for ms in lost.values():  # results that never came: a sender whose process is gone
+        gone = [m for m in ms if m not in self.state.failed_ews
+                and self.state.ews[m].disconnected()]
+        for m in gone:
+          self.detector.closed(self.state.ews[m], time.perf_counter())
+        if gone:
+          self.recovery.ews_failed(gone, layer)
+      again |= set(lost)
+      todo = sorted(a for a in again if self.state.slot_owner[a] is not None)
+      if todo:
+        self.timeline.add("replay", layer=layer, aws=todo, failed_ews=failed)
+        for a in todo:
+          attempts[a] += 1
+    return [a for a in live if self.state.slot_owner[a] is not None]

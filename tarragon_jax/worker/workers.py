@@ -1,9 +1,11 @@
 """Attention and expert workers: each owns one cell, its weights and (AW) its KV cache.
 
 Workers do device work only; which request sits in which slot is the engine's business.
-Everything a worker receives from another cell arrives through `Transfers.send`. Each worker is
-a failure domain (`FaultDomain`): a killed worker's arrays are deleted and a call raises
-`WorkerDead`; a hung worker returns None from every call.
+Activations go from worker to worker through each worker's `DataPlane` (`worker/dataplane.py`):
+an AW sends each EW its packed buffer, an EW sends each AW its results; the control plane only
+says which step, layer and attempt to run and whom to expect. Each worker is a failure domain
+(`FaultDomain`): a killed worker's arrays are deleted and a call raises `WorkerDead`; a hung
+worker returns None from every call.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.kv_cache import KVCache
 from tarragon_jax.layers.params import ExpertParams, ModelParams, abstract_params, logical_axes
 from tarragon_jax.mesh.cells import AW_RULES, EW_RULES, Cell
-from tarragon_jax.mesh.transfer import Transfers
 from tarragon_jax.worker import datapath
 from tarragon_jax.worker.buckets import all_buckets, bucket
+from tarragon_jax.worker.dataplane import Peer
 from tarragon_jax.worker.fault_domain import FaultDomain
 from tarragon_jax.worker.placement import Placement
 
@@ -32,19 +34,19 @@ def _reset_lengths(cache: KVCache, fresh) -> KVCache:
   return dataclasses.replace(cache, lengths=jnp.where(fresh, 0, cache.lengths))
 
 
-class AttentionWorker(FaultDomain):
+class AttentionWorker(FaultDomain, Peer):
   """Holds attention weights, the router and a KV cache of `num_slots` request slots."""
 
   def __init__(self, index: int, cell: Cell, cfg: ModelConfig, params: ModelParams,
-               num_slots: int, transfers: Transfers, snapshots: bool = True,
-               host_inputs: bool = False):
-    """`snapshots`: each step also returns its new KV for the snapshot store. `host_inputs`:
-    the EWs' results arrive as host arrays (a worker process), so `warm_up` compiles for those
-    (a jitted call compiles again for inputs of another kind)."""
+               num_slots: int, plane, snapshots: bool = True, host_inputs: bool = False):
+    """`plane`: its `DataPlane`. `snapshots`: each step also returns its new KV for the
+    snapshot store. `host_inputs`: the EWs' results arrive as host arrays (a worker process),
+    so `warm_up` compiles for those (a jitted call compiles again for inputs of another
+    kind)."""
     self.index, self.cell, self.cfg, self.num_slots = index, cell, cfg, num_slots
     self.snapshots, self.host_inputs = snapshots, host_inputs
     self.name = f"aw{index}"
-    self.transfers = transfers
+    self.plane = plane
     aw_params = datapath.attention_params(params)
     axes = datapath.attention_params(logical_axes(cfg))
     shardings = cell.shardings_for(AW_RULES, axes, datapath.attention_params(abstract_params(cfg)))
@@ -60,6 +62,7 @@ class AttentionWorker(FaultDomain):
     self.cache = jax.device_put(cache, KVCache(kv, kv, cell.replicated()))
     self.slots = self.put(np.arange(num_slots, dtype=np.int32))  # row b reads/writes slot b
     self.x = self.x_in = self.h = self.dest = self.weights = self.lost = None
+    self.active = None  # i32[L, E] the routing table's active slot per expert (`set_table`)
     self.bad = None  # bool[B] rows of this step whose result cannot be computed
     self._none_bad = self.put(np.zeros((num_slots,), bool))  # each step starts from it
     self._missing: dict[int, jax.Array] = {}
@@ -74,13 +77,14 @@ class AttentionWorker(FaultDomain):
     """
     return jax.device_put(array, self.cell.replicated())
 
-  def begin(self, tokens: np.ndarray, n_new: np.ndarray, fresh: np.ndarray):
-    """Starts a step over rows = all slots: tokens i32[B, T], n_new i32[B], fresh bool[B].
+  def begin(self, step: int, tokens: np.ndarray, n_new: np.ndarray, fresh: np.ndarray):
+    """Starts step `step` over rows = all slots: tokens i32[B, T], n_new i32[B], fresh bool[B].
 
     Returns True, or None if the worker is hung.
     """
     if not self._serving():
       return None
+    self.plane.forget(before_step=step - 1)
     self.n_new = self.put(n_new.astype(np.int32))  # read by every layer: put once (see `put`)
     if fresh.any():
       self.cache = _reset_lengths(self.cache, fresh)
@@ -88,14 +92,13 @@ class AttentionWorker(FaultDomain):
     self.bad = self._none_bad
     return True
 
-  def attend(self, layer, active, num_ew: int, slots_per_layer: int):
-    """Attention + routing for one layer.
+  def set_table(self, active: np.ndarray) -> bool:
+    """Installs a routing table (i32[L, E], the slot each expert is sent to; -1: none), pushed
+    by the control plane at each new epoch; later layers route by it."""
+    self.active = self.put(active)
+    return True
 
-    Returns:
-      (per-EW packed buffers, tokens sent to each EW i32[W]), or None if the worker is hung.
-    """
-    if not self._serving():
-      return None
+  def _attend(self, layer, active, num_ew: int, slots_per_layer: int):
     self.x_in = self.x
     (self.x, self.cache, bufs, counts, self.dest, self.weights, self.h,
      self.lost) = datapath.aw_attend_and_pack(
@@ -103,34 +106,68 @@ class AttentionWorker(FaultDomain):
          num_ew=num_ew, slots_per_layer=slots_per_layer)
     return bufs, counts
 
-  def replay(self, layer, active, num_ew: int, slots_per_layer: int):
-    """Repeats this layer's attention and packing from its input under a new routing table.
+  def attend(self, step: int, layer: int, attempt: int, num_ew: int, slots_per_layer: int,
+             ews: list[int]):
+    """Attention + routing (by the table of `set_table`) for one layer; sends EW m its packed
+    buffer, for each m in `ews`.
 
-    Attention rewrites the same KV at the same positions, so the cache is unchanged; only the
-    buffers differ (experts of a failed EW now go to their next replica).
+    A replay (`attempt` > 0: the layer again under a new routing table, after an EW failed or
+    a message was lost) starts from the layer's input: attention rewrites the same KV at the
+    same positions, so the cache is unchanged; only the buffers differ.
+
+    Returns:
+      i32[W]: the tokens routed to each EW (None if the worker is hung).
     """
     if not self._serving():
       return None
-    self.x = self.x_in
-    return self.attend(layer, active, num_ew, slots_per_layer)
+    if attempt > 0:
+      self.x = self.x_in
+    bufs, counts = self._attend(layer, self.active, num_ew, slots_per_layer)
+    self.plane.send([(f"ew{m}", (step, layer, attempt, self.name), bufs[m]) for m in ews])
+    return counts
 
-  def missing(self, capacity: int) -> jax.Array:
-    """An all-NaN [C, D] result on this cell, standing in for an EW that sent nothing: read
-    only where a token was routed to that EW, and then it marks the token's row bad (never a
-    silent zero)."""
+  def missing(self, capacity: int):
+    """An all-NaN [C, D] result, standing in for an EW that sent nothing: read only where a
+    token was routed to that EW, and then it marks the token's row bad (never a silent
+    zero)."""
     if capacity not in self._missing:
-      self._missing[capacity] = self.put(np.full((capacity, self.cfg.hidden_size), np.nan,
-                                                 self.cfg.dtype))
+      nan = np.full((capacity, self.cfg.hidden_size), np.nan, self.cfg.dtype)
+      self._missing[capacity] = nan if self.host_inputs else self.put(nan)
     return self._missing[capacity]
 
-  def combine(self, layer, results):
-    """Adds the EWs' results (and the shared expert) to the residual; True, or None if hung."""
+  def combine(self, step: int, layer: int, attempt: int, ews: list[int], num_ew: int,
+              capacity: int, wait_s: float = 0.0, force: bool = False):
+    """Adds the results of EWs `ews` (sent for this step, layer and attempt; the others
+    stand in as NaN) and the shared expert to the residual.
+
+    Args:
+      wait_s: how long to wait for each result that has not arrived.
+      force: combine even if some have not arrived (they stand in as NaN: rows that read
+        them fail).
+
+    Returns:
+      [] once combined, or the EWs whose results did not arrive within `wait_s` (nothing
+      combined: the layer can be replayed); None if the worker is hung.
+    """
     if not self._serving():
       return None
+    results = [self.missing(capacity)] * num_ew
+    lost = []
+    for m in ews:
+      out = self.plane.take((step, layer, attempt, f"ew{m}"), wait_s)
+      if out is None:
+        lost.append(m)
+      else:
+        results[m] = out
+    if lost and not force:
+      return lost
+    self._combine(layer, results)
+    return []
+
+  def _combine(self, layer, results):
     self.x, self.bad = datapath.aw_combine(self.params, self.cfg, self.x, self.h, layer,
                                            tuple(results), self.dest, self.weights, self.bad,
                                            self.lost)
-    return True
 
   def sample(self, key_data, step, temperature, top_p):
     """Samples each row's next token; None if hung.
@@ -174,12 +211,12 @@ class AttentionWorker(FaultDomain):
 
     For a fresh worker: every slot is left empty (and slot 0's KV zeroed).
     """
-    B = self.num_slots
+    B, active = self.num_slots, self.put(active)
     for T in seq_lens:
-      self.begin(np.zeros((B, T), np.int32), np.zeros((B,), np.int32), np.ones((B,), bool))
-      bufs, _ = self.attend(0, active, num_ew, slots_per_layer)
+      self.begin(-1, np.zeros((B, T), np.int32), np.zeros((B,), np.int32), np.ones((B,), bool))
+      bufs, _ = self._attend(0, active, num_ew, slots_per_layer)
       zeros = [np.zeros((b.shape[0], self.cfg.hidden_size), self.cfg.dtype) for b in bufs]
-      self.combine(0, zeros if self.host_inputs else [self.put(z) for z in zeros])
+      self._combine(0, zeros if self.host_inputs else [self.put(z) for z in zeros])
       zeros = np.zeros((B,), np.int32)
       self.sample(np.zeros((B, 2), np.uint32), zeros, zeros.astype(np.float32),
                   np.ones((B,), np.float32))
@@ -206,16 +243,16 @@ def ew_weights(params: ModelParams, placement: Placement, ew: int) -> ExpertPara
   return ExpertParams(gather(e.w_gate), gather(e.w_up), gather(e.w_down))
 
 
-class ExpertWorker(FaultDomain):
+class ExpertWorker(FaultDomain, Peer):
   """Holds the expert slots of its placement and runs them for all AWs, one layer at a time."""
 
   def __init__(self, index: int, cell: Cell, cfg: ModelConfig, host: ExpertParams, num_ew: int,
-               transfers: Transfers, host_inputs: bool = False):
+               plane, host_inputs: bool = False):
     """`host`: the experts this EW holds, host arrays [L, S, ...] (see `ew_weights`).
-    `host_inputs`: the AWs' buffers arrive as host arrays (a worker process), so `warm_up`
-    compiles for those: otherwise the all-slots executable, first used in a failover's replay,
-    would compile there."""
-    self.index, self.cell, self.cfg, self.transfers = index, cell, cfg, transfers
+    `plane`: its `DataPlane`. `host_inputs`: the AWs' buffers arrive as host arrays (a worker
+    process), so `warm_up` compiles for those: otherwise the all-slots executable, first used
+    in a failover's replay, would compile there."""
+    self.index, self.cell, self.cfg, self.plane = index, cell, cfg, plane
     self.host_inputs = host_inputs
     self.name = f"ew{index}"
     self.num_ew = num_ew
@@ -229,20 +266,46 @@ class ExpertWorker(FaultDomain):
   def empty_buffer(self, capacity: int):
     """A packed buffer with no tokens, standing in for an AW that sent nothing."""
     if capacity not in self._empty:
-      self._empty[capacity] = jax.device_put(datapath.empty_buffer(self.cfg, capacity),
-                                             self.cell.replicated())
+      empty = datapath.empty_buffer(self.cfg, capacity)
+      self._empty[capacity] = empty if self.host_inputs else jax.device_put(
+          empty, self.cell.replicated())
     return self._empty[capacity]
 
-  def run_layer(self, layer, inbox: list, slots: int):
-    """Runs one layer over the packed buffers of all AWs (inbox[a]: [C, D + 2]), computing the
-    first `slots` expert slots (`RoutingTable.computed_slots`).
+  def run_layer(self, step: int, layer: int, sources: list, num_aw: int, slots: int,
+                capacity: int, wait_s: float = 0.0):
+    """Runs one layer over the packed buffers that AWs sent (inbox[a]: [C, D + 2]),
+    computing the first `slots` expert slots (`RoutingTable.computed_slots`), and sends each
+    AW its results.
 
-    Returns per-AW outputs [C, D], or None if the worker is hung.
+    Micro-batching across AWs: one expert call serves every AW's buffer of this layer (that is
+    where an EW's efficiency comes from); each row's result depends only on its own token, so
+    who else is in the batch never changes a result.
+
+    Args:
+      sources: [(aw, attempt)]: the buffers to take (an AW not listed stands in as empty).
+      wait_s: how long to wait for a buffer that has not arrived; one that has not arrived
+        by then is run as empty and named in the result.
+
+    Returns:
+      the AWs whose buffers did not arrive (their results were not sent), or None if the
+      worker is hung.
     """
     if not self._serving():
       return None
-    return datapath.ew_experts(self.weights, self.cfg, layer, tuple(inbox), num_ew=self.num_ew,
+    inbox = [self.empty_buffer(capacity)] * num_aw
+    lost = []
+    for a, attempt in sources:
+      buf = self.plane.take((step, layer, attempt, f"aw{a}"), wait_s)
+      if buf is None:
+        lost.append(a)
+      else:
+        inbox[a] = buf
+    outs = datapath.ew_experts(self.weights, self.cfg, layer, tuple(inbox), num_ew=self.num_ew,
                                slots=slots)
+    self.plane.send([(f"aw{a}", (step, layer, attempt, self.name), outs[a])
+                     for a, attempt in sources if a not in lost])
+    self.plane.forget(before_step=step - 1)
+    return lost
 
   def sync(self) -> bool:
     """Blocks until this worker's weights are on its cell."""
@@ -253,6 +316,7 @@ class ExpertWorker(FaultDomain):
     """Compiles the expert call for each buffer capacity and count of computed slots, on empty
     buffers."""
     for c in capacities:
-      empty = datapath.empty_buffer(self.cfg, c) if self.host_inputs else self.empty_buffer(c)
       for slots in slot_counts:
-        jax.block_until_ready(self.run_layer(0, [empty] * num_aw, slots))
+        jax.block_until_ready(datapath.ew_experts(
+            self.weights, self.cfg, 0, (self.empty_buffer(c),) * num_aw, num_ew=self.num_ew,
+            slots=slots))
