@@ -277,3 +277,15 @@ class Pending:
   def ignore(self):
     if self._reply is None:
       self._conn.ignore(self._rid)
+
+  @staticmethod
+  def wait_any(pendings: list[Pending], timeout_s: float):
+    """Blocks until a reply may have arrived on any of `pendings`' connections, or for
+    `timeout_s` (a `Detector.wait` block)."""
+    waiting = {id(p._conn._sock): p._conn._sock for p in pendings if p._reply is None}
+    if not waiting:
+      return
+    poller = zmq.Poller()
+    for sock in waiting.values():
+      poller.register(sock, zmq.POLLIN)
+    poller.poll(max(1, int(timeout_s * 1000)))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 
 from tarragon_jax.mesh.cells import carve
-from tarragon_jax.mesh.transfer import Transfers
 from tarragon_jax.resilience.snapshot_store import SnapshotStore
+from tarragon_jax.worker.dataplane import LocalPlane
 
 
 class LocalRuntime:
@@ -18,8 +18,9 @@ class LocalRuntime:
   def carve(self, plan, devices):
     return carve(plan, devices)
 
-  def transfers(self) -> Transfers:
-    return Transfers()
+  def data_plane(self) -> LocalPlane:
+    """The control plane's own link to the workers' data planes (it sends no arrays)."""
+    return LocalPlane(None)
 
   def new_store(self, cfg, directory: str, options: dict, detection,
                 resilience=None) -> SnapshotStore:

@@ -1,14 +1,16 @@
 """`ZmqPlane`: the data plane of the process runtime, host arrays over ZeroMQ, peer to peer.
 
 Each worker process binds one ROUTER socket (its inbox; its address goes to the control plane
-in the reply to `init`) and holds one DEALER socket per peer. Sends are non-blocking and
-`IMMEDIATE`: nothing is queued for a peer whose connection is down, so a message to a dead peer
-is dropped at once instead of piling up. Messages travel in the wire format of
-`runtime/wire.py` (a JSON header, the array as its own frame, no copy on receipt).
+in the reply to `init`) and holds one DEALER socket per peer. Sends never block: a message to
+a peer whose link is still connecting waits in a bounded queue, and one that finds the queue
+full is dropped (its receiver stops waiting when the sender is gone or declared). Messages
+travel in the wire format of `runtime/wire.py` (a JSON header, the array as its own frame, no
+copy on receipt).
 """
 
 from __future__ import annotations
 
+import socket
 import time
 
 import numpy as np
@@ -17,6 +19,10 @@ import zmq
 from tarragon_jax.runtime import wire
 from tarragon_jax.runtime.channel import _bind
 from tarragon_jax.worker.dataplane import Tag
+
+SEND_QUEUE = 256  # messages queued per peer before sends to it are dropped
+GONE_CHECK_S = 0.005  # while a message is waited for, how often its sender's process is checked
+_WONT_COME = object()  # the control plane said that this message will not come
 
 
 class ZmqPlane:
@@ -42,16 +48,19 @@ class ZmqPlane:
         old[1].close()
       sock = self._ctx.socket(zmq.DEALER)
       sock.setsockopt(zmq.LINGER, 0)
-      sock.setsockopt(zmq.IMMEDIATE, 1)  # no queue for a peer that is not connected
+      # Messages wait for a link that is still connecting (a peer just linked), up to a
+      # bound: to a dead peer only a few are ever sent before it is declared and relinked.
+      sock.setsockopt(zmq.SNDHWM, SEND_QUEUE)
       sock.connect(address)
       self._links[name] = (address, sock)
 
   def send(self, items: list[tuple[str, Tag, object]]):
     """Sends (peer, tag, array) messages; each is fetched to the host first. A message that
-    cannot be queued (the peer is not connected, or its queue is full) is dropped."""
+    cannot be queued (its peer's queue is full) is dropped. An array
+    None says that the message with this tag will not come."""
     for peer, tag, x in items:
       link = self._links.get(peer)
-      a = np.asarray(x)
+      a = None if x is None else np.asarray(x)  # (None: that message will not come)
       if link is None:
         self.dropped += 1
         continue
@@ -59,7 +68,7 @@ class ZmqPlane:
         link[1].send_multipart(wire.encode({"tag": list(tag), "x": a}), copy=False,
                                flags=zmq.NOBLOCK)
         self.sent += 1
-        self.bytes_sent += a.nbytes
+        self.bytes_sent += 0 if a is None else a.nbytes
       except zmq.Again:
         self.dropped += 1
 
@@ -69,23 +78,45 @@ class ZmqPlane:
       return False
     _, *frames = self._inbox_sock.recv_multipart(copy=False)
     message = wire.decode(frames)
-    self.inbox[tuple(message["tag"])] = message["x"]
+    self.inbox[tuple(message["tag"])] = _WONT_COME if message["x"] is None else message["x"]
     return True
 
   def take(self, tag: Tag, wait_s: float = 0.0):
-    """The message with `tag`, removed from the inbox, waiting up to `wait_s` for it; None if
-    it has not arrived by then."""
+    """The message with `tag`, removed from the inbox, waiting for it up to `wait_s`; None if
+    it has not arrived by then, if the control plane said it will not come, or if its sender's
+    process is gone (its inbox port refuses connections: checked every `GONE_CHECK_S`)."""
     tag = tuple(tag)
-    deadline = time.perf_counter() + wait_s
+    start = time.perf_counter()
+    checked = start
     while True:
       while self._receive(0.0):  # whatever has arrived
         pass
       if tag in self.inbox:
-        return self.inbox.pop(tag)
-      left = deadline - time.perf_counter()
-      if left <= 0:
+        x = self.inbox.pop(tag)
+        return None if x is _WONT_COME else x
+      now = time.perf_counter()
+      if now - start >= wait_s:
         return None
-      self._receive(min(left, 0.01))
+      if now - checked >= GONE_CHECK_S:
+        checked = now
+        if self._gone(tag[3]):
+          return None
+      self._receive(min(wait_s - (now - start), GONE_CHECK_S))
+
+  def _gone(self, peer: str) -> bool:
+    """Whether `peer`'s process is gone: its inbox port refuses a TCP connection (a stopped
+    process's kernel still accepts one; that is for the control plane's probes to find)."""
+    link = self._links.get(peer)
+    if link is None:
+      return False
+    host, _, port = link[0].removeprefix("tcp://").rpartition(":")
+    try:
+      socket.create_connection((host, int(port)), timeout=0.05).close()
+    except ConnectionRefusedError:
+      return True
+    except OSError:
+      return False
+    return False
 
   def forget(self, before_step: int):
     for tag in [t for t in self.inbox if t[0] < before_step]:

@@ -23,6 +23,7 @@ from tarragon_jax.mesh.cells import carve
 from tarragon_jax.runtime import wire
 from tarragon_jax.runtime.channel import Bound, Connection, Pending, RemoteError
 from tarragon_jax.runtime.compile_cache import DEFAULT_COMPILE_CACHE
+from tarragon_jax.runtime.peer_plane import ZmqPlane
 from tarragon_jax.runtime.remote_store import RemoteStore
 from tarragon_jax.runtime.spawner import LocalSpawner, SpawnError
 from tarragon_jax.worker.fault_domain import FaultDomain, Health
@@ -182,9 +183,16 @@ class ProcessRuntime:
     self._store_spawner = LocalSpawner(0)
     self._standby_store = None
     self.stores: list[RemoteStore] = []
+    self._planes: list[ZmqPlane] = []
 
   def devices(self) -> list:
     return list(self.spawner.slots)
+
+  def data_plane(self) -> ZmqPlane:
+    """The control plane's own link to the workers' data planes (it sends no arrays)."""
+    plane = ZmqPlane()
+    self._planes.append(plane)
+    return plane
 
   def driver_bytes(self) -> dict[str, tuple[int, int]]:
     """(array bytes, of which floating point) that passed through this process to and from
@@ -284,6 +292,8 @@ class ProcessRuntime:
     return store
 
   def close(self):
+    for plane in self._planes:
+      plane.close()
     for w in self.workers:
       w.close()
     for store in self.stores:

@@ -73,6 +73,7 @@ class Engine(LayerExchange, Frontend):
     self.runtime = LocalRuntime() if runtime is None else runtime
     self.devices = list(self.runtime.devices() if devices is None else devices)
     self.transfers = Transfers()  # the bytes the local data plane moves between cells
+    self.control_link = self.runtime.data_plane()  # says which messages will not come
     # Replacements and restarts load weights from `weights_dir`: its fingerprint must be that of
     # the weights served here, or a rebuilt worker would serve another model without an error.
     self.weights_fingerprint = weights_fingerprint(params, cfg)
@@ -143,6 +144,7 @@ class Engine(LayerExchange, Frontend):
     state = self.state
     ews = {f"ew{m}": state.ews[m].address for m in state.live_ews()}
     aws = {f"aw{a}": state.aws[a].address for a in state.live_aws()}
+    self.control_link.connect(ews | aws)
     for workers, peers in (([state.aws[a] for a in state.live_aws()], ews),
                            ([state.ews[m] for m in state.live_ews()], aws)):
       for w in workers:

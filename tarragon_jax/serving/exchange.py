@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from tarragon_jax.worker.fault_domain import WorkerDead
 
 MAX_ATTEMPTS = 4  # replays of one layer for one AW before its missing results stand in as NaN
@@ -30,12 +28,11 @@ class LayerExchange:
     return self._call_all({0: (worker, fn)})[0]
 
   def _call_all(self, calls: dict) -> dict:
-    """Calls workers ({key: (worker, fn)}) side by side, then collects each one's output.
+    """Calls workers ({key: (worker, fn)}) side by side, then collects each one's output."""
+    return self._collect(self._issue(calls))
 
-    An output is None if the worker is dead or was declared failed after staying silent. A
-    process runtime's reply (`Pending`) is waited for with the detector: a late reply is
-    silence, and the peer is probed.
-    """
+  def _issue(self, calls: dict) -> dict:
+    """Starts calls ({key: (worker, fn)}) without waiting for their replies (`_collect`)."""
     started = {}
     for key, (worker, fn) in calls.items():
       since = time.perf_counter()
@@ -44,14 +41,30 @@ class LayerExchange:
       except WorkerDead:
         self.detector.closed(worker, since)
         started[key] = None
+    return started
+
+  def _collect(self, started: dict) -> dict:
+    """The outputs of `_issue`d calls. An output is None if the worker is dead or was declared
+    failed after staying silent. A process runtime's replies (`Pending`) are waited for
+    together with the detector, blocking on their sockets: a late reply is silence, and the
+    peer is probed."""
+    replies = {key: item for key, item in started.items()
+               if item is not None and hasattr(item[2], "wait_any")}
+    failed = set()
+    if replies:
+      pendings = [out for _, _, out in replies.values()]
+      failed = set(self.detector.wait(
+          {w.name: (w, out.arrived) for w, _, out in replies.values()},
+          min(since for _, since, _ in replies.values()),
+          block=lambda timeout_s: type(pendings[0]).wait_any(pendings, timeout_s)))
     results = {}
     for key, item in started.items():
       if item is None:
         results[key] = None
         continue
       worker, since, out = item
-      if hasattr(out, "arrived"):
-        if self.detector.wait({worker.name: (worker, out.arrived)}, since):
+      if key in replies:
+        if worker.name in failed:
           out.ignore()
           out = None
         else:
@@ -63,81 +76,76 @@ class LayerExchange:
 
   @property
   def _wait_s(self) -> float:
-    """How long a worker waits for a message whose sender has already said it sent it."""
-    return self.engine_cfg.resilience.detection.probe_interval_s
+    """How long a worker waits for a message before it gives its sender up. It is a backstop:
+    a worker stops waiting as soon as the sender's process is gone, or the control plane,
+    having declared the sender failed, says so (`_cancel`)."""
+    return self.engine_cfg.resilience.detection.deadline_s
 
-  def attend(self, layer: int, attempts: dict[int, int], ews: list[int]) -> dict[int, object]:
-    """AWs {a: attempt} attend, route and send their buffers to EWs `ews`; {a: tokens routed
-    to each EW, i32[W]}. An AW that is dead or silent past the detection window is handed to
-    the recovery and left out."""
+  def _cancel(self, messages: list[tuple[str, int, int, int, str]]):
+    """Tells receivers that messages will not come: (receiver, step, layer, attempt, sender)."""
+    self.control_link.send([(to, (step, layer, n, sender), None)
+                            for to, step, layer, n, sender in messages])
+
+  def attend(self, layer: int, attempts: dict[int, int], ews: list[int]) -> dict:
+    """Issues: AWs {a: attempt} attend, route and send their buffers to EWs `ews`. Its
+    `_collect`: {a: tokens routed to each EW, i32[W], or None}."""
     state, S = self.state, self.state.placement.slots_per_layer
     step, num_ew = self.iteration, len(state.ews)
-    calls = {a: (state.aws[a], lambda w, n=n: w.attend(step, layer, n, num_ew, S, ews))
-             for a, n in attempts.items() if state.slot_owner[a] is not None}
-    counts = {}
-    for a, out in self._call_all(calls).items():
-      if out is None:
-        self.recovery.aw_failed(a, layer)
-      else:
-        counts[a] = out
-    return counts
+    return self._issue({a: (state.aws[a], lambda w, n=n: w.attend(step, layer, n, num_ew, S, ews))
+                        for a, n in attempts.items() if state.slot_owner[a] is not None})
 
   def run_experts(self, layer: int, attempts: dict[int, int], ews: list[int],
-                  capacity: int) -> dict[int, list[int]]:
-    """EWs `ews` run the buffers of AWs {a: attempt} and send each its results; {m: the AWs
-    whose buffers did not reach m}. EWs that are dead or declared failed are missing."""
+                  capacity: int) -> dict:
+    """Issues: EWs `ews` run the buffers of AWs {a: attempt} and send each its results. Its
+    `_collect`: {m: the AWs whose buffers did not reach m, or None}."""
     step, num_aw, sources = self.iteration, len(self.state.aws), sorted(attempts.items())
-    calls = {m: (self.state.ews[m], lambda w, m=m: w.run_layer(
-        step, layer, sources, num_aw, self.ew_slots[m], capacity, self._wait_s)) for m in ews}
-    return {m: out for m, out in self._call_all(calls).items() if out is not None}
+    return self._issue({m: (self.state.ews[m], lambda w, m=m: w.run_layer(
+        step, layer, sources, num_aw, self.ew_slots[m], capacity, self._wait_s)) for m in ews})
 
-  def combine(self, layer: int, plan: dict[int, tuple[int, list[int], bool]],
-              capacity: int) -> dict[int, list[int]]:
-    """AWs {a: (attempt, EWs that ran it, force)} add in their results; {a: EWs whose results
-    did not arrive} for the AWs that could not combine (with `force`, those stand in as NaN:
-    rows that read them fail)."""
+  def combine(self, layer: int, attempts: dict[int, int], ews: list[int], capacity: int,
+              last: set[int]) -> dict:
+    """Issues: AWs {a: attempt} add in the results of EWs `ews` (those in `last` even if some
+    never come: they stand in as NaN, and rows that read them fail). Its `_collect`: {a: the
+    EWs whose results it needed and did not get (nothing combined), or None}."""
     step, num_ew = self.iteration, len(self.state.ews)
-    calls = {a: (self.state.aws[a], lambda w, n=n, ms=ms, f=f: w.combine(
-        step, layer, n, ms, num_ew, capacity, self._wait_s, f))
-        for a, (n, ms, f) in plan.items() if self.state.slot_owner[a] is not None}
-    lost = {}
-    for a, out in self._call_all(calls).items():
-      if out is None:
-        self.recovery.aw_failed(a, layer)
-      elif out:
-        lost[a] = list(out)
-    return lost
+    return self._issue({a: (self.state.aws[a], lambda w, n=n, f=a in last: w.combine(
+        step, layer, n, ews, num_ew, capacity, self._wait_s, f))
+        for a, n in attempts.items() if self.state.slot_owner[a] is not None})
 
   def run_layer(self, layer: int, live: list[int], capacity: int) -> list[int]:
     """One layer across all workers; returns the AWs still live.
 
-    If an EW fails, the AWs that had sent it tokens replay this layer under the new routing
-    table (its experts now served by shadows); the others combine what they have. A message
-    that never arrived (its sender died after saying it sent it) makes its AW replay too.
+    The three phases are issued at once: the workers wait for each other's messages, the
+    control plane only for the replies. An AW declared failed is cancelled at the EWs (they
+    go on without its buffer); an EW declared failed is cancelled at the AWs, and those that
+    had routed tokens to it replay the layer under the new routing table (its experts now
+    served by shadows) while the others combine what they have. A message that never arrived
+    makes its AW replay too.
     """
     attempts = {a: 0 for a in live}
     todo = list(live)
+    step = self.iteration
     while todo:
       ews = self.state.live_ews()
-      counts = self.attend(layer, {a: attempts[a] for a in todo}, ews)
-      ran = self.run_experts(layer, {a: attempts[a] for a in counts}, ews, capacity)
+      now = {a: attempts[a] for a in todo}
+      last = {a for a in todo if attempts[a] + 1 >= MAX_ATTEMPTS}  # no more replays
+      issued = (self.attend(layer, now, ews), self.run_experts(layer, now, ews, capacity),
+                self.combine(layer, now, ews, capacity, last))
+      for a, out in self._collect(issued[0]).items():
+        if out is None:
+          self._cancel([(f"ew{m}", step, layer, now[a], f"aw{a}") for m in ews])
+          self.recovery.aw_failed(a, layer)
+      ran = {m: out for m, out in self._collect(issued[1]).items() if out is not None}
       failed = [m for m in ews if m not in ran]
-      again = {a for lost in ran.values() for a in lost}
       if failed:
-        again |= {a for a in counts if np.asarray(counts[a])[failed].any()}
+        self._cancel([(f"aw{a}", step, layer, now[a], f"ew{m}") for a in now for m in failed])
         self.recovery.ews_failed(failed, layer)
-      last = {a for a in counts if attempts[a] + 1 >= MAX_ATTEMPTS}  # no more replays
-      again -= last
-      lost = self.combine(layer, {a: (attempts[a], list(ran), a in last) for a in counts
-                                  if a not in again}, capacity)
-      for ms in lost.values():  # results that never came: a sender whose process is gone
-        gone = [m for m in ms if m not in self.state.failed_ews
-                and self.state.ews[m].disconnected()]
-        for m in gone:
-          self.detector.closed(self.state.ews[m], time.perf_counter())
-        if gone:
-          self.recovery.ews_failed(gone, layer)
-      again |= set(lost)
+      again = set()
+      for a, out in self._collect(issued[2]).items():
+        if out is None:
+          self.recovery.aw_failed(a, layer)
+        elif out:
+          again.add(a)
       todo = sorted(a for a in again if self.state.slot_owner[a] is not None)
       if todo:
         self.timeline.add("replay", layer=layer, aws=todo, failed_ews=failed)

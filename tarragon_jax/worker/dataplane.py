@@ -58,19 +58,21 @@ class LocalPlane:
     """Links to peers: {name: address} (a name given again is relinked: a replacement)."""
     self.peers.update(peers)
 
-  def send(self, items: list[tuple[str, Tag, jax.Array]]):
+  def send(self, items: list[tuple[str, Tag, jax.Array | None]]):
     """Sends (peer, tag, array) messages, in one batched `device_put`; a peer not linked (or
-    gone) gets nothing."""
+    gone) gets nothing. An array None says that the message with this tag will not come."""
     items = [(self.peers[p], tag, x) for p, tag, x in items if p in self.peers]
-    if not items:
-      return
-    arrived = self.transfers.send_many([(x, peer.target) for peer, _, x in items])
-    for (peer, tag, _), x in zip(items, arrived):
+    data = [(peer, tag, x) for peer, tag, x in items if x is not None]
+    arrived = self.transfers.send_many([(x, peer.target) for peer, _, x in data]) if data else []
+    for (peer, tag, _), x in zip(data, arrived):
       peer.inbox[tag] = x
+    for peer, tag, x in items:
+      if x is None:
+        peer.inbox[tag] = None
 
   def take(self, tag: Tag, wait_s: float = 0.0):
-    """The message with `tag`, removed from the inbox; None if it has not arrived (here a
-    message is in the inbox as soon as it is sent, so nothing waits)."""
+    """The message with `tag`, removed from the inbox; None if it has not arrived or will not
+    come (here a message is in the inbox as soon as it is sent, so nothing waits)."""
     del wait_s
     return self.inbox.pop(tag, None)
 

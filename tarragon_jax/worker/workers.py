@@ -63,6 +63,7 @@ class AttentionWorker(FaultDomain, Peer):
     self.slots = self.put(np.arange(num_slots, dtype=np.int32))  # row b reads/writes slot b
     self.x = self.x_in = self.h = self.dest = self.weights = self.lost = None
     self.active = None  # i32[L, E] the routing table's active slot per expert (`set_table`)
+    self.counts = None  # i32[W] tokens this step's layer routed to each EW
     self.bad = None  # bool[B] rows of this step whose result cannot be computed
     self._none_bad = self.put(np.zeros((num_slots,), bool))  # each step starts from it
     self._missing: dict[int, jax.Array] = {}
@@ -124,7 +125,8 @@ class AttentionWorker(FaultDomain, Peer):
       self.x = self.x_in
     bufs, counts = self._attend(layer, self.active, num_ew, slots_per_layer)
     self.plane.send([(f"ew{m}", (step, layer, attempt, self.name), bufs[m]) for m in ews])
-    return counts
+    self.counts = np.asarray(counts) if self.host_inputs else counts
+    return self.counts
 
   def missing(self, capacity: int):
     """An all-NaN [C, D] result, standing in for an EW that sent nothing: read only where a
@@ -151,14 +153,20 @@ class AttentionWorker(FaultDomain, Peer):
     """
     if not self._serving():
       return None
+    routed = None if not self.host_inputs else self.counts  # (on the host: no device sync)
     results = [self.missing(capacity)] * num_ew
     lost = []
     for m in ews:
+      if routed is not None and not routed[m]:
+        continue  # no token of this AW went to m: its result is never read
       out = self.plane.take((step, layer, attempt, f"ew{m}"), wait_s)
       if out is None:
         lost.append(m)
       else:
         results[m] = out
+    if lost and routed is None:  # only now is it worth a sync: was anything routed there?
+      routed = np.asarray(self.counts)
+      lost = [m for m in lost if routed[m]]
     if lost and not force:
       return lost
     self._combine(layer, results)
