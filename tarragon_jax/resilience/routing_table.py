@@ -91,6 +91,33 @@ class RoutingTable:
         replicas[l, e] = live + [-1] * (R - len(live))
     return dataclasses.replace(self, replicas=_frozen(replicas), epoch=self.epoch + 1)
 
+  def check_fits(self, placement: Placement, failed_ews=()):
+    """Checks that this table fits `placement` and routes no expert to an EW in `failed_ews`.
+
+    Raises:
+      ValueError: it does not (the first offending entry named, with what would be valid).
+    """
+    p = placement
+    if self.slots_per_layer != p.slots_per_layer or self.replicas.shape[:2] != (
+        p.num_layers, p.num_experts):
+      raise ValueError(
+          f"routing table (slots_per_layer={self.slots_per_layer}, [L, E] = "
+          f"{list(self.replicas.shape[:2])}) does not match the engine's placement "
+          f"(slots_per_layer={p.slots_per_layer}, [L, E] = [{p.num_layers}, {p.num_experts}])")
+    S = p.slots_per_layer
+    for (l, e), slot in np.ndenumerate(self.active):
+      if slot < 0:
+        continue
+      ew, local = divmod(int(slot), S)
+      held = p.contents[l, ew, local] if ew < p.num_ew else -1
+      if held != e:
+        raise ValueError(f"routing table sends layer {l} expert {e} to slot {slot} (EW {ew}), "
+                         f"which holds expert {held}")
+      if ew in failed_ews:
+        raise ValueError(f"routing table sends layer {l} expert {e} to slot {slot} on EW {ew}, "
+                         f"which was declared failed (failed EWs: {sorted(failed_ews)}); "
+                         "route it to a replica on a live EW")
+
   def unreachable(self) -> list[tuple[int, int]]:
     """(layer, expert) pairs with no live replica."""
     return [tuple(map(int, le)) for le in np.argwhere(self.active < 0)]

@@ -172,26 +172,7 @@ class Engine(LayerExchange, Frontend):
     """`set_routing_table` for the recovery, which may leave experts with no live replica
     unreachable (-1: a token routed there fails its request, see `datapath.aw_combine`)."""
     p = self.state.placement
-    if table.slots_per_layer != p.slots_per_layer or table.replicas.shape[:2] != (
-        p.num_layers, p.num_experts):
-      raise ValueError(
-          f"routing table (slots_per_layer={table.slots_per_layer}, [L, E] = "
-          f"{list(table.replicas.shape[:2])}) does not match the engine's placement "
-          f"(slots_per_layer={p.slots_per_layer}, [L, E] = [{p.num_layers}, {p.num_experts}])")
-    S = p.slots_per_layer
-    for (l, e), slot in np.ndenumerate(table.active):
-      ew, local = divmod(int(slot), S)
-      held = p.contents[l, ew, local] if ew < p.num_ew else -1
-      if slot < 0:
-        continue
-      if held != e:
-        raise ValueError(f"routing table sends layer {l} expert {e} to slot {slot} (EW {ew}), "
-                         f"which holds expert {held}")
-      if ew in self.state.failed_ews:
-        raise ValueError(f"routing table sends layer {l} expert {e} to slot {slot} on EW {ew}, "
-                         f"which was declared failed (failed EWs: "
-                         f"{sorted(self.state.failed_ews)}); "
-                         "route it to a replica on a live EW")
+    table.check_fits(p, self.state.failed_ews)
     self.state.table = table
     self.ew_slots = table.computed_slots(self.state.base_table, p.num_ew)
     for a in self.state.live_aws():  # (one that has died is found at its next call)
