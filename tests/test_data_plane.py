@@ -39,6 +39,8 @@ def test_local_messages_are_taken_by_tag_on_the_receivers_cell():
   np.testing.assert_array_equal(b.take((3, 1, 0, "a")), x)
   a.send([("b", (4, 0, 0, "a"), None)])  # the control plane: it will not come
   assert b.take((4, 0, 0, "a")) is None
+  a.send([("b", (5, 0, 0, "a"), x), ("b", (5, 0, 0, "a"), None)])  # it came before the cancel
+  np.testing.assert_array_equal(b.take((5, 0, 0, "a")), x)
 
 
 def test_local_stale_steps_are_forgotten():
@@ -69,6 +71,12 @@ def test_zmq_a_message_that_will_not_come_ends_the_wait():
   try:
     control.send([("b", (1, 0, 0, "a"), None)])
     assert b.take((1, 0, 0, "a"), LONG_S) is None
+    x = np.arange(3, dtype=np.float32)
+    a.send([("b", (2, 0, 0, "a"), x), ("b", (9, 0, 0, "a"), x)])
+    assert b.take((9, 0, 0, "a"), LONG_S) is not None  # so message 2 (sent before) is in too
+    control.send([("b", (2, 0, 0, "a"), None), ("b", (3, 0, 0, "a"), None)])
+    assert b.take((3, 0, 0, "a"), LONG_S) is None  # so the late cancel of 2 is in too
+    np.testing.assert_array_equal(b.take((2, 0, 0, "a"), 0.0), x)  # it kept what arrived
   finally:
     for plane in (a, b, control):
       plane.close()

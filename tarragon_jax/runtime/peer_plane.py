@@ -78,7 +78,11 @@ class ZmqPlane:
       return False
     _, *frames = self._inbox_sock.recv_multipart(copy=False)
     message = wire.decode(frames)
-    self.inbox[tuple(message["tag"])] = _WONT_COME if message["x"] is None else message["x"]
+    tag = tuple(message["tag"])
+    if message["x"] is None:  # (a message that did arrive is kept: "will not come" came late)
+      self.inbox.setdefault(tag, _WONT_COME)
+    else:
+      self.inbox[tag] = message["x"]
     return True
 
   def take(self, tag: Tag, wait_s: float = 0.0):

@@ -67,8 +67,8 @@ class LocalPlane:
     for (peer, tag, _), x in zip(data, arrived):
       peer.inbox[tag] = x
     for peer, tag, x in items:
-      if x is None:
-        peer.inbox[tag] = None
+      if x is None:  # (a message that did arrive is kept: "will not come" came too late)
+        peer.inbox.setdefault(tag, None)
 
   def take(self, tag: Tag, wait_s: float = 0.0):
     """The message with `tag`, removed from the inbox; None if it has not arrived or will not
