@@ -1,5 +1,5 @@
-"""The main job: fault-free, one AW failure and one EW failure, each with Tarragon and with the
-global-restart baseline, plus fault-free throughput, on the tiny MoE and 8 CPU devices.
+"""The main job: fault-free, an AW kill, an EW kill and an EW hang, each with Tarragon and with
+the global-restart baseline, plus fault-free throughput, on the tiny MoE and 8 CPU devices.
 
 About 3 minutes on 2 CPU cores; prints the comparison table and writes summary.json,
 results.jsonl, timeline_*.jsonl, timeline.png and stalls.png under `workdir`:
@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.fault_at_s = 3.0
   c.aw_fault = "kill:aw1"  # + "@t=<fault_at_s>"
   c.ew_fault = "kill:ew1"
+  c.hang_fault = "hang:ew1"  # SIGSTOP (local runtime: the worker stops answering)
   # Fault-free throughput: `throughput_requests` arrive at once and each generates
   # `throughput_output_len` tokens; `reps` interleaved repetitions of (snapshots on, snapshots
   # off, baseline), engines rebuilt every `rebuild_every` repetitions (0: never), medians

@@ -1,16 +1,17 @@
-"""The main job: one AW failure and one EW failure, Tarragon recovery vs the global restart.
+"""The main job: an AW kill, an EW kill and an EW hang, Tarragon recovery vs the global restart.
 
   python -m experiments.failover [--config=configs/failover_tiny.py] [--workdir=DIR]
 
 On one workload (Poisson "Random" requests, replayed in real time) it runs, for each policy
 (Tarragon recovery, the MegaScale-like global-restart baseline): a fault-free pass, one AW
-failure and one EW failure. For each run it reports the service stall (the longest time with
+kill, one EW kill and one EW hang (found by probes, not by a closed connection; its `detect`
+column is the detection delay). For each run it reports the service stall (the longest time with
 zero output tokens after the fault), the max request stall (the extra wait of one in-flight
 request beyond its usual token gap), recomputed tokens, throughput and whether every request's
 greedy tokens equal the fault-free run's; then fault-free closed-loop throughput of Tarragon
 (snapshots on and off) vs the baseline in interleaved repetitions, on engines rebuilt every
 `rebuild_every` repetitions. `--config.runtime=process` runs every worker as its own OS
-process (faults are SIGKILL), and adds the local runtime to the throughput comparison.
+process (faults are SIGKILL and SIGSTOP), and adds the local runtime to the throughput comparison.
 
 Writes to the workdir: summary.json ({"runs": [{"mode", "fault", "requests", "completed",
 "service_stall_s", "max_request_stall_s", "recomputed_tokens", "throughput_tok_s",
@@ -44,7 +45,8 @@ from tarragon_jax.serving.metrics import compile_count, fault_stalls  # noqa: E4
 _CONFIG, _WORKDIR, _CACHE = launch_config.define_flags("configs/failover_tiny.py")
 _BIN_S = 0.25
 MODES = ("tarragon", "global_restart")
-FAULTS = ("none", "aw", "ew")
+FAULTS = ("none", "aw", "ew", "ew_hang")
+KINDS = {"aw": "AW kill", "ew": "EW kill", "ew_hang": "EW hang"}  # the failure rows
 
 
 def _engine(cd, cfg, params, weights_dir, recovery: str, snapshots: bool, spawner,
@@ -69,9 +71,9 @@ def _engine(cd, cfg, params, weights_dir, recovery: str, snapshots: bool, spawne
 
 def _run(cd, cfg, params, weights_dir, work, reference, mode: str, fault: str, workdir,
          spawner) -> tuple[dict, list, np.ndarray]:
-  """One real-time replay of `work` with `fault` ("none", "aw", "ew") under policy `mode`."""
+  """One real-time replay of `work` with `fault` (in `FAULTS`) under policy `mode`."""
   engine = _engine(cd, cfg, params, weights_dir, mode, mode == "tarragon", spawner)
-  spec = {"none": "", "aw": cd.aw_fault, "ew": cd.ew_fault}[fault]
+  spec = {"none": "", "aw": cd.aw_fault, "ew": cd.ew_fault, "ew_hang": cd.hang_fault}[fault]
   engine.arm_faults(parse_faults(f"{spec}@t={cd.fault_at_s}") if spec else ())
   compiles = compile_count()
   result = wl.replay(engine, work)
@@ -231,9 +233,9 @@ def _runs(cd, cfg, params, weights_dir, work, workdir, spawner):
 
 def _report(runs: list[dict], throughput: list[dict], cd) -> dict:
   """Prints the table and the ratios; returns the summary."""
-  print(f"\n{'mode':<16}{'fault':<7}{'service':>9}{'max req':>9}{'recomp.':>8}{'detect':>8}"
+  print(f"\n{'mode':<16}{'fault':<9}{'service':>9}{'max req':>9}{'recomp.':>8}{'detect':>8}"
         f"{'restore':>9}{'tok/s':>7}{'done':>8}  tokens ==")
-  print(f"{'':<23}{'stall':>9}{'stall':>9}{'tokens':>8}{'':>8}{'':>9}{'':>7}{'':>8}  fault-free")
+  print(f"{'':<25}{'stall':>9}{'stall':>9}{'tokens':>8}{'':>8}{'':>9}{'':>7}{'':>8}  fault-free")
 
   def ms(x):
     return "-" if x is None else f"{x * 1e3:.1f}ms"
@@ -241,7 +243,7 @@ def _report(runs: list[dict], throughput: list[dict], cd) -> dict:
   for r in runs:
     restart = (r["restart_phases"][0]["total_s"] if r.get("restart_phases")
                else r.get("restore_s_max"))
-    print(f"{r['mode']:<16}{r['fault']:<7}{ms(r['service_stall_s']):>9}"
+    print(f"{r['mode']:<16}{r['fault']:<9}{ms(r['service_stall_s']):>9}"
           f"{ms(r['max_request_stall_s']):>9}{r['recomputed_tokens']:>8}"
           f"{ms(max(r.get('detection_s') or [0.0]) if r['fault'] != 'none' else None):>8}"
           f"{ms(restart if r['fault'] != 'none' else None):>9}{r['throughput_tok_s']:>7.0f}"
@@ -249,11 +251,11 @@ def _report(runs: list[dict], throughput: list[dict], cd) -> dict:
   print("(restore: Tarragon's slowest per-request restore; for the baseline, the whole restart)")
   by = {(r["mode"], r["fault"]): r for r in runs}
   ratios = {}
-  for kind in ("aw", "ew"):
+  for kind in KINDS:
     t, g = by["tarragon", kind], by["global_restart", kind]
     if not (t["held"] and g["held"]):
       ratios[kind] = None
-      print(f"{kind.upper()} failure: no request waited at the fault; no ratio")
+      print(f"{KINDS[kind]}: no request waited at the fault; no ratio")
       continue
     # None where Tarragon's value is 0 (no request waited beyond its usual token gap).
     ratios[kind] = {k: g[k] / t[k] if t[k] > 0 else None
@@ -261,7 +263,7 @@ def _report(runs: list[dict], throughput: list[dict], cd) -> dict:
     shown = {k: "n/a (Tarragon: none)" if r is None else f"{r:.0f}x"
              for k, r in ratios[kind].items()}
     phases = g["restart_phases"][0] if g["restart_phases"] else {}
-    print(f"{kind.upper()} failure, baseline / Tarragon: service stall "
+    print(f"{KINDS[kind]}, baseline / Tarragon: service stall "
           f"{shown['service_stall_s']}, max request stall {shown['max_request_stall_s']}; "
           "baseline restart: "
           + ", ".join(f"{k[:-2]} {v:.3f}s" for k, v in phases.items() if k.endswith("_s")))
@@ -343,11 +345,11 @@ def _figures(workdir: str, runs: list[dict], series: dict, cd) -> list[str]:
   plt.close(fig)
 
   by = {(r["mode"], r["fault"]): r for r in runs}
-  fig, ax = plt.subplots(figsize=(7, 4))
-  labels = [f"{kind.upper()} {what}" for kind in ("aw", "ew") for what in ("service", "request")]
+  fig, ax = plt.subplots(figsize=(9, 4))
+  labels = [f"{name}\n{what}" for name in KINDS.values() for what in ("service", "request")]
   x = np.arange(len(labels))
   for i, mode in enumerate(MODES):
-    ys = [by[mode, kind][key] or 0.0 for kind in ("aw", "ew")
+    ys = [by[mode, kind][key] or 0.0 for kind in KINDS
           for key in ("service_stall_s", "max_request_stall_s")]
     ax.bar(x + (i - 0.5) * 0.4, np.maximum(np.asarray(ys) * 1e3, 1e-3), 0.4,
            label="Tarragon" if mode == "tarragon" else "global restart")

@@ -37,20 +37,23 @@ def test_failover_main_job_compares_recovery_with_the_baseline(tmp_path):
           "recomputed_tokens", "throughput_tok_s", "tokens_match_fault_free"}
   runs = {(r["mode"], r["fault"]): r for r in summary["runs"]}
   assert set(runs) == {(m, f) for m in ("tarragon", "global_restart")
-                       for f in ("none", "aw", "ew")}
+                       for f in ("none", "aw", "ew", "ew_hang")}
   for (mode, fault), r in runs.items():
     assert keys <= set(r), (mode, fault)
     assert r["completed"] == r["requests"] == 8, (mode, fault)
     assert r["tokens_match_fault_free"] is True, (mode, fault)
     assert (r["service_stall_s"] is None) == (fault == "none"), (mode, fault)
-  for kind in ("aw", "ew"):
+  for kind in ("aw", "ew", "ew_hang"):
     assert runs["global_restart", kind]["restart_phases"][0]["compile_s"] > 0
+  # A hang is found by probes: its detection delay is a real one (a kill's is ~0: the
+  # connection closes).
+  assert min(runs["tarragon", "ew_hang"]["detection_s"]) > 0
   assert set(summary["throughput_median_tok_s"]) == {"snapshots_on", "snapshots_off",
                                                       "global_restart"}
   for key in ("throughput_tarragon_baseline", "throughput_snapshots_off_baseline"):
     lo, hi = summary[f"{key}_ci"]
     assert lo <= summary[key] <= hi, key
-  assert "[6/6] global_restart, fault: ew" in out  # progress
+  assert "[8/8] global_restart, fault: ew_hang" in out  # progress
   assert "baseline / Tarragon" in out or "no ratio" in out
   records = launch_config.read_jsonl(tmp_path / "results.jsonl")
   throughput = [r for r in records if r["run"] == "throughput"]

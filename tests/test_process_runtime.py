@@ -40,6 +40,11 @@ def _serve(runtime=None, faults: str = "", **resilience) -> Engine:
   rc = ResilienceConfig(**resilience)
   engine = Engine(CFG, _params(), EngineConfig(plan=PLAN, slots_per_aw=2, resilience=rc),
                   faults=parse_faults(faults), runtime=runtime)
+  return _run_to_end(engine)
+
+
+def _run_to_end(engine: Engine) -> Engine:
+  """Serves `PROMPTS` to the end; the tokens are left in `engine.outputs`."""
   ids = [engine.submit(Request(p, MAX_NEW)) for p in PROMPTS]
   try:
     engine.run()

@@ -237,13 +237,15 @@ class Detector:
 
   def wait(self, peers: dict[str, tuple[FaultDomain, Callable[[], bool]]],
            expected_since: float | None = None,
-           block: Callable[[float], object] | None = None) -> list[str]:
+           block: Callable[[float], object] | None = None,
+           on_failed: Callable[[str], object] | None = None) -> list[str]:
     """Waits for every peer's data; returns the names of peers declared failed.
 
     A peer already declared is failed at once (and not declared again). `block(timeout_s)`,
     if given, returns as soon as some peer's data may have arrived (e.g. a poll on their
     sockets), or after `timeout_s`: the detector then sleeps until something happens instead
-    of polling every `poll_s`.
+    of polling every `poll_s`. `on_failed(name)` is called as soon as a peer is failed, while
+    the others are still waited for (e.g. to release the peers that wait on its data).
 
     Raises:
       WorkerTimeout: a peer answers probes but sends nothing within `deadline_s`.
@@ -273,6 +275,8 @@ class Detector:
         else:
           continue
         del pending[name]
+        if on_failed is not None and failed and failed[-1] == name:
+          on_failed(name)
       if pending:
         waited = clock.now() - start
         if waited > cfg.deadline_s:

@@ -149,18 +149,20 @@ class Agent:
         start = Bound(msg["start_timeout_s"], msg["start_setting"])
         self._starting.append((request, Child(msg["compile_cache"], self.host, self.platform,
                                               device, start)))
-    elif op == "signal":
+    elif op in ("signal", "stop"):  # stop: SIGKILL, then reap
       child = self.children.get(msg["pid"])
-      if child is not None:
+      if child is not None and op == "signal":
         child.signal(msg["sig"])
+      elif child is not None:
+        child.stop()
       self.endpoint.reply(request, {"result": child is not None})
     elif op == "gone":
       child = self.children.get(msg["pid"])
       self.endpoint.reply(request, {"result": "this host's agent does not know it"
                                     if child is None else child.gone()})
     else:
-      self.endpoint.reply(request, {"error": f"unknown op {op!r}; use spawn, signal, gone, "
-                                             f"exit"})
+      self.endpoint.reply(request, {"error": f"unknown op {op!r}; use spawn, signal, stop, "
+                                             f"gone, exit"})
     return True
 
   def _answer_started(self):
@@ -247,19 +249,23 @@ class AgentChild:
     return self._gone
 
   def signal(self, sig: int):
+    self._tell("signal", sig)
+
+  def stop(self):
+    """SIGKILL, reaped by the agent."""
+    self._tell("stop", signal.SIGKILL)
+    self._agent.close()
+
+  def _tell(self, op: str, sig: int):
     if self.pid is None:
       return
     try:
-      self._pending(self._agent.send({"op": "signal", "pid": self.pid, "sig": int(sig)}),
-                    "signal", AGENT_REPLY_S).result()
+      self._pending(self._agent.send({"op": op, "pid": self.pid, "sig": int(sig)}), op,
+                    AGENT_REPLY_S).result()
     except WorkerDead:
       pass  # the agent is gone, and its workers with it
     except (RemoteError, TimeoutError) as err:
-      logging.warning("%s: signal %d not confirmed: %s", self.where, sig, err)
-
-  def stop(self):
-    self.signal(signal.SIGKILL)
-    self._agent.close()
+      logging.warning("%s: %s (signal %d) not confirmed: %s", self.where, op, sig, err)
 
 
 class AgentSpawner:

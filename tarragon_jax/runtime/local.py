@@ -11,6 +11,9 @@ from tarragon_jax.worker.dataplane import LocalPlane
 
 class LocalRuntime:
   remote = False
+  # The workers are cooperative: one thread calls them phase by phase (a worker that ran a
+  # whole step itself would wait for EWs that this same thread has not run yet).
+  autonomous = False
 
   def devices(self) -> list:
     return list(jax.devices())

@@ -36,6 +36,7 @@ class ZmqPlane:
     self._links: dict[str, tuple[str, zmq.Socket]] = {}  # name -> (address, socket)
     self.inbox: dict[Tag, np.ndarray] = {}
     self.bytes_sent = self.sent = self.dropped = 0
+    self.missed = None  # why the last `take` returned None
 
   def connect(self, peers: dict):
     """Links to peers: {name: address}; a name linked to another address is relinked (its
@@ -88,7 +89,8 @@ class ZmqPlane:
   def take(self, tag: Tag, wait_s: float = 0.0):
     """The message with `tag`, removed from the inbox, waiting for it up to `wait_s`; None if
     it has not arrived by then, if the control plane said it will not come, or if its sender's
-    process is gone (its inbox port refuses connections: checked every `GONE_CHECK_S`)."""
+    process is gone (its inbox port refuses connections: checked every `GONE_CHECK_S`).
+    `missed` then says which of the three."""
     tag = tuple(tag)
     start = time.perf_counter()
     checked = start
@@ -97,13 +99,18 @@ class ZmqPlane:
         pass
       if tag in self.inbox:
         x = self.inbox.pop(tag)
-        return None if x is _WONT_COME else x
+        if x is _WONT_COME:
+          self.missed = "cancelled"
+          return None
+        return x
       now = time.perf_counter()
       if now - start >= wait_s:
+        self.missed = "timed out"
         return None
       if now - checked >= GONE_CHECK_S:
         checked = now
         if self._gone(tag[3]):
+          self.missed = "sender gone"
           return None
       self._receive(min(wait_s - (now - start), GONE_CHECK_S))
 

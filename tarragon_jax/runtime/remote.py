@@ -158,8 +158,8 @@ def _forward(method: str):
   return call
 
 
-for _method in ("begin", "attend", "combine", "sample", "restore", "cache_copy", "warm_up",
-                "run_layer", "sync"):
+for _method in ("begin", "attend", "combine", "sample", "run_step", "restore", "cache_copy",
+                "warm_up", "run_layer", "serve_step", "sync"):
   setattr(RemoteWorker, _method, _forward(_method))
 
 
@@ -174,6 +174,7 @@ class ProcessRuntime:
   """
 
   remote = True
+  autonomous = True  # each worker process runs a whole step by itself (`run_step`)
 
   def __init__(self, spawner=None, compile_cache: str = DEFAULT_COMPILE_CACHE):
     self.spawner = spawner or LocalSpawner()

@@ -142,16 +142,20 @@ class Child:
     return self.proc.poll() is None
 
   def signal(self, sig: int):
+    """Sends `sig` and returns at once. A SIGKILLed process takes tens of milliseconds to
+    end (the kernel tears down its memory first): a failure injected into a serving process
+    must not stall the injector meanwhile; the process's peers find it as they would any
+    other death (its port refuses, its probes go unanswered)."""
     if self.proc.poll() is None:
       self.proc.send_signal(sig)
-      if sig == signal.SIGKILL:
-        try:  # reaped at once, unless the kernel holds it (then `gone` sees it later)
-          self.proc.wait(timeout=_REAP_S)
-        except subprocess.TimeoutExpired:
-          pass
 
   def stop(self):
+    """SIGKILL, then waits (up to a bound) for the process to be reaped."""
     self.signal(signal.SIGKILL)
+    try:
+      self.proc.wait(timeout=_REAP_S)
+    except subprocess.TimeoutExpired:  # the kernel holds it: `gone` sees it later
+      pass
 
 
 class LocalSpawner:

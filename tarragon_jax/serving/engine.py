@@ -324,35 +324,16 @@ class Engine(LayerExchange, Frontend):
       return False
     seq = self.iteration
     self.seq_lens.add(T)
-    begun = self._call_all({a: (self.state.aws[a], lambda w, a=a: w.begin(seq, *batches[a][:3]))
-                            for a in live})
-    for a, out in begun.items():
-      if out is None:
-        self.recovery.aw_failed(a, 0)
-        live.remove(a)
-    capacity = self.engine_cfg.slots_per_aw * T * self.cfg.top_k
-    for layer in range(self.cfg.num_layers):
-      self._fire_faults(layer)
-      self.recovery.poll()
-      self.recovery.probe_idle()
-      live = self.run_layer(layer, live, capacity)
-    sampled, kvs = {}, {}
-    outs = self._call_all({a: (self.state.aws[a], lambda w, a=a: w.sample(
-        *self._sampling_arrays(batches[a][3]))) for a in live})
-    for a, out in outs.items():
-      if out is None:
-        self.recovery.aw_failed(a, self.cfg.num_layers)
-        live.remove(a)
-        continue
-      sampled[a], kvs[a] = out
+    outs = self.run_step(seq, live, batches, T)
+    sampled = {a: out[0] for a, out in outs.items()}
     self.detector.wait({self.state.aws[a].name: (self.state.aws[a], getattr(sampled[a], "is_ready",
                                                                  lambda: True))
-                        for a in live})
+                        for a in sampled})
     self.iteration += 1
-    tokens = {a: np.asarray(sampled[a]) for a in live}
-    for a in live:
-      if kvs[a] is not None:  # before `_emit`, which may tell the store a request finished
-        self._log_step(a, seq, T, batches[a][3], kvs[a])
+    tokens = {a: np.asarray(sampled[a]) for a in sorted(sampled)}
+    for a in tokens:
+      if outs[a][1] is not None:  # before `_emit`, which may tell the store a request finished
+        self._log_step(a, seq, T, batches[a][3], outs[a][1])
       self._emit(batches[a][3], tokens[a])
     return True
 

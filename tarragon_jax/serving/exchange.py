@@ -43,20 +43,31 @@ class LayerExchange:
         started[key] = None
     return started
 
-  def _collect(self, started: dict) -> dict:
+  def _collect(self, started: dict, on_failed=None, arrivals: dict | None = None) -> dict:
     """The outputs of `_issue`d calls. An output is None if the worker is dead or was declared
     failed after staying silent. A process runtime's replies (`Pending`) are waited for
     together with the detector, blocking on their sockets: a late reply is silence, and the
-    peer is probed."""
+    peer is probed. `on_failed(name)`: called as soon as a worker waited for is failed.
+    `arrivals`: filled with {worker name: when its reply was seen}."""
     replies = {key: item for key, item in started.items()
                if item is not None and hasattr(item[2], "wait_any")}
     failed = set()
     if replies:
       pendings = [out for _, _, out in replies.values()]
+
+      def arrived(name, out):
+        if not out.arrived():
+          return False
+        if arrivals is not None:
+          arrivals.setdefault(name, time.perf_counter())
+        return True
+
       failed = set(self.detector.wait(
-          {w.name: (w, out.arrived) for w, _, out in replies.values()},
+          {w.name: (w, lambda n=w.name, out=out: arrived(n, out))
+           for w, _, out in replies.values()},
           min(since for _, since, _ in replies.values()),
-          block=lambda timeout_s: type(pendings[0]).wait_any(pendings, timeout_s)))
+          block=lambda timeout_s: type(pendings[0]).wait_any(pendings, timeout_s),
+          on_failed=on_failed))
     results = {}
     for key, item in started.items():
       if item is None:
@@ -112,7 +123,8 @@ class LayerExchange:
         step, layer, n, ews, num_ew, capacity, self._wait_s, f))
         for a, n in attempts.items() if self.state.slot_owner[a] is not None})
 
-  def run_layer(self, layer: int, live: list[int], capacity: int) -> list[int]:
+  def run_layer(self, layer: int, live: list[int], capacity: int,
+                first_attempt: int = 0) -> list[int]:
     """One layer across all workers; returns the AWs still live.
 
     The three phases are issued at once: the workers wait for each other's messages, the
@@ -122,13 +134,13 @@ class LayerExchange:
     served by shadows) while the others combine what they have. A message that never arrived
     makes its AW replay too.
     """
-    attempts = {a: 0 for a in live}
+    attempts = {a: first_attempt for a in live}
     todo = list(live)
     step = self.iteration
     while todo:
       ews = self.state.live_ews()
       now = {a: attempts[a] for a in todo}
-      last = {a for a in todo if attempts[a] + 1 >= MAX_ATTEMPTS}  # no more replays
+      last = {a for a in todo if attempts[a] + 1 - first_attempt >= MAX_ATTEMPTS}  # no replays
       issued = (self.attend(layer, now, ews), self.run_experts(layer, now, ews, capacity),
                 self.combine(layer, now, ews, capacity, last))
       for a, out in self._collect(issued[0]).items():
@@ -152,3 +164,106 @@ class LayerExchange:
         for a in todo:
           attempts[a] += 1
     return [a for a in live if self.state.slot_owner[a] is not None]
+
+  # -- a whole step --------------------------------------------------------------------------
+
+  def run_step(self, seq: int, live: list[int], batches: list, T: int) -> dict[int, tuple]:
+    """Step `seq` of AWs `live` (each with its batch: tokens, n_new, fresh, rows); returns
+    {a: (tokens i32[B], KV segment or None)} for the AWs that finished it (the others were
+    declared failed and handed to the recovery)."""
+    capacity = self.engine_cfg.slots_per_aw * T * self.cfg.top_k
+    if self.runtime.autonomous:
+      return self._run_autonomous(seq, live, batches, capacity)
+    begun = self._call_all({a: (self.state.aws[a], lambda w, a=a: w.begin(seq, *batches[a][:3]))
+                            for a in live})
+    for a, out in begun.items():
+      if out is None:
+        self.recovery.aw_failed(a, 0)
+        live.remove(a)
+    for layer in range(self.cfg.num_layers):
+      self._fire_faults(layer)
+      self.recovery.poll()
+      self.recovery.probe_idle()
+      live = self.run_layer(layer, live, capacity)
+    return self._sample(live, batches)
+
+  def _sample(self, live: list[int], batches: list) -> dict[int, tuple]:
+    outs = self._call_all({a: (self.state.aws[a], lambda w, a=a: w.sample(
+        *self._sampling_arrays(batches[a][3]))) for a in live})
+    for a, out in outs.items():
+      if out is None:
+        self.recovery.aw_failed(a, self.cfg.num_layers)
+    return {a: out for a, out in outs.items() if out is not None}
+
+  def _run_autonomous(self, seq: int, live: list[int], batches: list,
+                      capacity: int) -> dict[int, tuple]:
+    """The step as the workers run it by themselves: one message to each AW (`run_step`) and
+    to each EW (`serve_step`), all issued at once; activations go between them directly.
+
+    A worker declared failed while the others run is cancelled at once at its peers (they
+    stop waiting for its messages; a killed one's peers see its port refuse even sooner). Then
+    the recovery runs, and the AWs that stopped at a failed EW finish the step layer by layer
+    from the control plane, replaying the layer they stopped at (as `run_layer` does).
+    """
+    state, layers = self.state, self.cfg.num_layers
+    self._fire_faults(0)
+    self.recovery.poll()
+    self.recovery.probe_idle()
+    live = [a for a in live if state.slot_owner[a] is not None]
+    ews = state.live_ews()
+    num_ew, S = len(state.ews), state.placement.slots_per_layer
+    calls = {state.aws[a].name: (state.aws[a], lambda w, a=a: w.run_step(
+        seq, batches[a][:3], self._sampling_arrays(batches[a][3]), num_ew, S, ews, capacity,
+        self._wait_s)) for a in live}
+    calls.update({state.ews[m].name: (state.ews[m], lambda w, m=m: w.serve_step(
+        seq, live, len(state.aws), self.ew_slots[m], capacity, self._wait_s)) for m in ews})
+    started = self._issue(calls)
+    for layer in range(1, layers):  # (they land while the workers run the step)
+      self._fire_faults(layer)
+
+    def release(name: str):  # its peers wait no more for any of its messages of this step
+      peers = [f"ew{m}" for m in ews] if name.startswith("aw") else [f"aw{a}" for a in live]
+      self._cancel([(p, seq, layer, 0, name) for p in peers for layer in range(layers)])
+
+    arrivals = {}
+    outs = self._collect(started, on_failed=release, arrivals=arrivals)
+    missed = {}  # AW -> the first layer whose buffer from it an EW did not get
+    for m in ews:
+      for layer, a, _ in outs[f"ew{m}"] or ():
+        missed[a] = min(layer, missed.get(a, layers))
+    failed = [m for m in ews if outs[f"ew{m}"] is None]
+    stopped = {a: out[1] for a in live if (out := outs[f"aw{a}"]) and out[0] == "stopped"}
+    if missed or failed or stopped or len(arrivals) < len(calls):
+      self._log_replies(seq, outs, arrivals)
+    if failed:
+      self.recovery.ews_failed(failed, min(stopped.values(), default=0))
+    done = {}
+    for a in live:
+      out = outs[f"aw{a}"]
+      if out is None:
+        self.recovery.aw_failed(a, missed.get(a, 0))
+      elif out[0] == "done":
+        done[a] = out[1:]
+    if stopped:
+      self.timeline.add("replay", layer=min(stopped.values()), aws=sorted(stopped),
+                        failed_ews=failed)
+    todo = [a for a in stopped if state.slot_owner[a] is not None]
+    for layer in range(min(stopped.values(), default=layers), layers):
+      now = [a for a in todo if stopped[a] <= layer]  # (attempt 0 was the step's own)
+      ran = set(self.run_layer(layer, now, capacity, first_attempt=1))
+      todo = [a for a in todo if a not in now or a in ran]
+    done.update(self._sample(todo, batches))
+    return done
+
+  def _log_replies(self, seq: int, outs: dict, arrivals: dict):
+    """Into the timeline, for a step that went wrong: when each worker's reply came (`t_reply`,
+    on the detector's clock) and what it said, so that who waited on whom can be read off."""
+    for name, out in outs.items():
+      if out is None:
+        said = "failed"
+      elif name.startswith("aw"):
+        said = "done" if out[0] == "done" else f"stopped at layer {out[1]}, lost EWs {out[2]}"
+      else:
+        said = [{"layer": layer, "aw": a, "why": why} for layer, a, why in out]
+      self.timeline.add("step_reply", worker=name, step=seq, t_reply=arrivals.get(name),
+                        said=said)

@@ -49,6 +49,7 @@ class LocalPlane:
     self.transfers = transfers or Transfers()  # counts the bytes moved between cells
     self.inbox: dict[Tag, jax.Array] = {}
     self.peers: dict[str, LocalPlane] = {}
+    self.missed = None  # why the last `take` returned None
 
   @property
   def address(self) -> LocalPlane:
@@ -72,7 +73,8 @@ class LocalPlane:
 
   def take(self, tag: Tag, wait_s: float = 0.0):
     """The message with `tag`, removed from the inbox; None if it has not arrived or will not
-    come (here a message is in the inbox as soon as it is sent, so nothing waits)."""
+    come (here a message is in the inbox as soon as it is sent, so nothing waits); `missed`
+    then says which."""
     del wait_s
     return self.inbox.pop(tag, None)
 

@@ -62,6 +62,7 @@ class AttentionWorker(FaultDomain, Peer):
     self.cache = jax.device_put(cache, KVCache(kv, kv, cell.replicated()))
     self.slots = self.put(np.arange(num_slots, dtype=np.int32))  # row b reads/writes slot b
     self.x = self.x_in = self.h = self.dest = self.weights = self.lost = None
+    self.attended = None  # the layer of this step attended last (attending it again: a replay)
     self.active = None  # i32[L, E] the routing table's active slot per expert (`set_table`)
     self.counts = None  # i32[W] tokens this step's layer routed to each EW
     self.bad = None  # bool[B] rows of this step whose result cannot be computed
@@ -91,6 +92,7 @@ class AttentionWorker(FaultDomain, Peer):
       self.cache = _reset_lengths(self.cache, fresh)
     self.x = datapath.aw_embed(self.params, tokens.astype(np.int32))
     self.bad = self._none_bad
+    self.attended = None
     return True
 
   def set_table(self, active: np.ndarray) -> bool:
@@ -112,17 +114,18 @@ class AttentionWorker(FaultDomain, Peer):
     """Attention + routing (by the table of `set_table`) for one layer; sends EW m its packed
     buffer, for each m in `ews`.
 
-    A replay (`attempt` > 0: the layer again under a new routing table, after an EW failed or
-    a message was lost) starts from the layer's input: attention rewrites the same KV at the
-    same positions, so the cache is unchanged; only the buffers differ.
+    A replay (the layer attended again, as a new `attempt`, under a new routing table after an
+    EW failed or a message was lost) starts from the layer's input: attention rewrites the
+    same KV at the same positions, so the cache is unchanged; only the buffers differ.
 
     Returns:
       i32[W]: the tokens routed to each EW (None if the worker is hung).
     """
     if not self._serving():
       return None
-    if attempt > 0:
+    if self.attended == layer:
       self.x = self.x_in
+    self.attended = layer
     bufs, counts = self._attend(layer, self.active, num_ew, slots_per_layer)
     self.plane.send([(f"ew{m}", (step, layer, attempt, self.name), bufs[m]) for m in ews])
     self.counts = np.asarray(counts) if self.host_inputs else counts
@@ -191,6 +194,44 @@ class AttentionWorker(FaultDomain, Peer):
         self.params, self.cfg, self.x, self.cache, self.slots, self.n_new,
         key_data, step, temperature, top_p, self.bad, snapshot=self.snapshots)
     return tokens, segment
+
+  def run_step(self, step: int, batch: tuple, sampling: tuple, num_ew: int,
+               slots_per_layer: int, ews: list[int], capacity: int, wait_s: float):
+    """A whole step run by the worker itself: `begin`, then per layer `attend` (buffers to
+    the EWs) and `combine` (their results, waited for as they come), then `sample`. The
+    control plane sends one message a step and hears back once.
+
+    An EW whose results do not come (it failed, or a message was lost) stops the step at that
+    layer, with the layer's input kept: the control plane declares the EW, installs the new
+    routing table and has this worker replay the layer (`attend` again), then go on layer by
+    layer. Each EW is told at once that this worker's later layers of the step will not come,
+    so no EW waits for them.
+
+    Args:
+      batch: (tokens, n_new, fresh), as `begin` takes them.
+      sampling: (key_data, step, temperature, top_p), as `sample` takes them.
+      ews: the live EWs; wait_s: how long to wait for one result (a backstop: a wait also
+        ends when the sender's process is gone or the control plane cancels it).
+
+    Returns:
+      ("done", tokens, KV segment) as `sample` returns them; ("stopped", layer, the EWs whose
+      results did not come); None if the worker is hung.
+    """
+    if self.begin(step, *batch) is None:
+      return None
+    layers = self.cfg.num_layers
+    for layer in range(layers):
+      if self.attend(step, layer, 0, num_ew, slots_per_layer, ews) is None:
+        return None
+      lost = self.combine(step, layer, 0, ews, num_ew, capacity, wait_s)
+      if lost is None:
+        return None
+      if lost:
+        self.plane.send([(f"ew{m}", (step, later, 0, self.name), None)
+                         for later in range(layer + 1, layers) for m in ews])
+        return "stopped", layer, lost
+    out = self.sample(*sampling)
+    return None if out is None else ("done", *out)
 
   def restore(self, slot: int, k: np.ndarray, v: np.ndarray) -> int:
     """Writes a request's KV (host [L, n, K, H]) into `slot`; returns the bytes moved."""
@@ -270,6 +311,7 @@ class ExpertWorker(FaultDomain, Peer):
     shardings = cell.shardings_for(EW_RULES, axes, host)
     self.weights = jax.device_put(host, shardings)
     self._empty: dict[int, jax.Array] = {}
+    self.missed: dict[int, str] = {}  # AW -> why its buffer of the last layer run did not come
 
   def empty_buffer(self, capacity: int):
     """A packed buffer with no tokens, standing in for an AW that sent nothing."""
@@ -302,10 +344,12 @@ class ExpertWorker(FaultDomain, Peer):
       return None
     inbox = [self.empty_buffer(capacity)] * num_aw
     lost = []
+    self.missed = {}
     for a, attempt in sources:
       buf = self.plane.take((step, layer, attempt, f"aw{a}"), wait_s)
       if buf is None:
         lost.append(a)
+        self.missed[a] = self.plane.missed
       else:
         inbox[a] = buf
     outs = datapath.ew_experts(self.weights, self.cfg, layer, tuple(inbox), num_ew=self.num_ew,
@@ -314,6 +358,32 @@ class ExpertWorker(FaultDomain, Peer):
                      for a, attempt in sources if a not in lost])
     self.plane.forget(before_step=step - 1)
     return lost
+
+  def serve_step(self, step: int, aws: list[int], num_aw: int, slots: int, capacity: int,
+                 wait_s: float):
+    """Every layer of a step for AWs `aws` (attempt 0), as they send: `run_layer` per layer,
+    each starting once every AW still in the step has delivered its buffer (micro-batching,
+    as in `run_layer`). An AW whose buffer does not come (its process is gone, the control
+    plane cancelled it after declaring it, or the AW stopped its step at a failed EW and said
+    so) is left out of the step's later layers: no EW waits on a dead or hung AW past its
+    declaration.
+
+    Returns:
+      [(layer, AW, why)] for each buffer that did not arrive (why: "cancelled" by the control
+      plane or by the AW itself, "sender gone", "timed out" after `wait_s`); None if the
+      worker is hung.
+    """
+    missed = []
+    sources = [(a, 0) for a in aws]
+    for layer in range(self.cfg.num_layers):
+      if not sources:
+        break
+      lost = self.run_layer(step, layer, sources, num_aw, slots, capacity, wait_s)
+      if lost is None:
+        return None
+      missed += [(layer, a, self.missed[a]) for a in lost]
+      sources = [(a, n) for a, n in sources if a not in lost]
+    return missed
 
   def sync(self) -> bool:
     """Blocks until this worker's weights are on its cell."""
