@@ -155,7 +155,11 @@ def _throughput(cd, cfg, params, weights_dir, spawner) -> list[dict]:
 
 # The per-layer datapath's calls: the activations (hidden states, expert outputs) of a step
 # would pass through the driver in their messages; tokens, KV and control are the others'.
-DATAPATH_METHODS = ("attend", "run_layer", "combine")
+# The messages that would carry activations (hidden states, expert outputs) if any passed
+# through the driver: those of the phase-by-phase datapath both ways, and the replies of a
+# worker's own step (a `run_step` request carries tokens and sampling settings).
+DATAPATH_METHODS = ("attend", "attend:reply", "run_layer", "run_layer:reply", "combine",
+                    "combine:reply", "run_step:reply", "serve_step", "serve_step:reply")
 
 
 def _driver_bytes(engine) -> dict | None:
@@ -166,7 +170,7 @@ def _driver_bytes(engine) -> dict | None:
 def _per_step(before: dict | None, after: dict | None, steps: int) -> dict | None:
   """Array bytes per step through the driver between two `_driver_bytes`: activations (the
   floating-point arrays of the datapath's messages), the rest of the datapath's (routing
-  counts), and every other method's (tokens, sampling state, KV, tables)."""
+  counts, tokens), and every other message's (prompts, sampling state, KV, tables)."""
   if after is None or not steps:
     return None
   delta = {m: [t - before.get(m, (0, 0))[i] for i, t in enumerate(v)] for m, v in after.items()}
@@ -306,8 +310,8 @@ def _report(runs: list[dict], throughput: list[dict], cd) -> dict:
                                     for k in per_step[0]}
     b = out["driver_bytes_per_step"]
     print(f"through the driver per step (Tarragon): activation bytes {b['activations']:.0f}; "
-          f"routing counts {b['datapath_other']:.0f} B; tokens, KV and control "
-          f"{b['other']:.0f} B")
+          f"sampled tokens and routing counts {b['datapath_other']:.0f} B; step inputs "
+          f"(tokens, sampling settings), KV and control {b['other']:.0f} B")
   return out
 
 

@@ -10,6 +10,8 @@ running out its backstop would say "timed out" instead of passing unnoticed.
 
 from __future__ import annotations
 
+import time
+
 from test_process_runtime import CFG, MAX_NEW, PLAN, PROMPTS, _local_tokens, _params, _run_to_end
 
 from tarragon_jax.resilience.detector import DetectionConfig
@@ -83,3 +85,20 @@ def test_no_ew_waits_on_a_stopped_aw_past_its_declaration():
     # by running out its backstop); after that no layer of the step waited for AW 1 again.
     assert replies[m]["said"] == [{"layer": 0, "aw": 1, "why": "cancelled"}]
     assert replies[m]["t_reply"] > declared["t"]
+
+
+def test_kv_goes_from_the_aws_to_the_store_directly():
+  engine = _engine(f"kill:aw1@step={FAULT_STEP + 4}")
+  # Until the store process has started its inbox, KV goes through the driver: wait for it.
+  deadline = time.perf_counter() + 60.0  # a bound on a hung test, not a timing assertion
+  while engine.state.store.address is None and time.perf_counter() < deadline:
+    time.sleep(0.01)
+  assert _serve(engine) == _local_tokens()
+  # The AWs' replies to the driver carry tokens only: not one floating-point byte (no
+  # activation, no KV) ...
+  through_driver = engine.runtime.driver_bytes()
+  assert through_driver["run_step:reply"][0] > 0 and through_driver["run_step:reply"][1] == 0
+  # ... and yet the store had the killed AW's KV: its requests were restored, not recomputed
+  # from their prompts, with at most the uncommitted tail recomputed.
+  restores = engine.timeline.of("restore")
+  assert restores and all(r["mode"] == "restore" and r["restored"] > 0 for r in restores)

@@ -40,6 +40,7 @@ from tarragon_jax.resilience.snapshot_store import SnapshotStore  # noqa: E402
 from tarragon_jax.runtime import compile_cache  # noqa: E402
 from tarragon_jax.runtime.channel import Endpoint  # noqa: E402
 from tarragon_jax.runtime.peer_plane import ZmqPlane  # noqa: E402
+from tarragon_jax.worker.dataplane import kv_tag  # noqa: E402
 from tarragon_jax.worker.placement import Placement  # noqa: E402
 from tarragon_jax.worker.workers import AttentionWorker, ExpertWorker, ew_weights  # noqa: E402
 
@@ -66,10 +67,38 @@ def _store_died(err: BaseException):
   os._exit(EXIT_STORE_DIED)
 
 
+class DirectStore:
+  """The snapshot store of a store process, with a data-plane inbox (`address`): an AW sends
+  its step's KV there itself, and the control plane's `log_step` carries, instead of the KV,
+  {"from": the AW's data-plane address}. Everything else is the `SnapshotStore`'s."""
+
+  def __init__(self, store: SnapshotStore, plane: ZmqPlane, wait_s: float):
+    self.store, self.plane, self.wait_s = store, plane, wait_s
+    self.address = plane.address
+    self.lost_steps = 0  # steps whose KV did not come: gaps, not wrong state
+
+  def log_step(self, aw: int, seq: int, rows, kv):
+    """Takes a KV sent directly (it left the AW before the AW's reply to the control plane,
+    so it is normally here already); one that does not come within `wait_s`, or whose AW is
+    gone, leaves the step out: the store commits nothing of it (a gap), as for a lost step."""
+    if isinstance(kv, dict):
+      name = f"aw{aw}"
+      self.plane.connect({name: kv["from"]})  # (to see the AW's port refuse if it died)
+      kv = self.plane.take(kv_tag(seq, name), self.wait_s)
+      if kv is None:
+        self.lost_steps += 1
+        return
+    self.store.log_step(aw, seq, rows, kv)
+
+  def __getattr__(self, name):
+    return getattr(self.store, name)
+
+
 def build(spec: dict, host: str = "127.0.0.1"):
   cfg = ModelConfig.from_dict(spec["config"])
   if spec["kind"] == "store":
-    return SnapshotStore(cfg, spec["directory"], **spec["options"], on_death=_store_died)
+    return DirectStore(SnapshotStore(cfg, spec["directory"], **spec["options"],
+                                     on_death=_store_died), ZmqPlane(host), spec["kv_wait_s"])
   cell = Cell(f"{spec['kind']}{spec['index']}", (jax.devices()[0],))
   # `fingerprint`: the weights the driver serves; a checkpoint holding others is refused.
   _, params = load_checkpoint(spec["weights_dir"], shardings=cell.replicated(),

@@ -68,7 +68,8 @@ class RemoteWorker(FaultDomain):
     self.child = child
     self.conn = None
     self.address = None  # its data plane's, once built
-    # (array bytes, of which floating point) sent and received through this proxy, per method
+    # (array bytes, of which floating point) through this proxy, per method: sent under its
+    # name, received under "<method>:reply"
     self.bytes: dict[str, tuple[int, int]] = {}
 
   def connect(self):
@@ -97,7 +98,8 @@ class RemoteWorker(FaultDomain):
     self._count(method, message)
     return Pending(self.conn, self.conn.send(message), method, self.name,
                    self._bounds.get(method, self._deadline), self.gone,
-                   slice_s=self.probe_s, on_reply=lambda reply: self._count(method, reply))
+                   slice_s=self.probe_s,
+                   on_reply=lambda reply: self._count(f"{method}:reply", reply))
 
   def _count(self, method: str, message):
     total, floating = wire.array_bytes(message)
@@ -196,8 +198,8 @@ class ProcessRuntime:
     return plane
 
   def driver_bytes(self) -> dict[str, tuple[int, int]]:
-    """(array bytes, of which floating point) that passed through this process to and from
-    the workers, per method (the snapshot store's KV is the store's `bytes_in`)."""
+    """(array bytes, of which floating point) that passed through this process to the workers,
+    per method, and back from them, per "<method>:reply"."""
     out: dict[str, tuple[int, int]] = {}
     for w in self.workers:
       for method, (total, floating) in w.bytes.items():

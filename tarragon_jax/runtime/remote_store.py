@@ -7,7 +7,9 @@ queue); `mark` is a request that the store answers once it has applied everythin
 it, so a restore reads only committed state. Faults are signals to the process. Liveness is
 the process's exit status (certain: the store is this process's child) and the probe
 connection's heartbeat: the store is probed at most once per probe interval. A store whose
-thread dies ends its process (`host.py`), so that it is seen as gone, not as silent.
+thread dies ends its process (`host.py`), so that it is seen as gone, not as silent. The
+process has a data-plane inbox (`address`): AWs send their KV there directly, and `log_step`
+then only names the step, its rows and the sender (`host.DirectStore`).
 """
 
 from __future__ import annotations
@@ -48,9 +50,10 @@ class RemoteStore(FaultDomain):
                            heartbeat_timeout_s=3 * probe)
     # Not waited for: later requests queue behind it, and a failed init fails the first call.
     self._init = self._request({"op": "init", "spec": dict(
-        kind="store", config=cfg.to_dict(), directory=directory, options=options)})
+        kind="store", config=cfg.to_dict(), directory=directory, options=options,
+        kv_wait_s=detection.deadline_s)})
     self._alive_at = time.perf_counter()
-    self._stopped, self._bytes_in = False, None
+    self._stopped, self._bytes_in, self._address = False, None, None
 
   def _gone(self) -> str | None:
     """None while the process may still answer, else why it never will."""
@@ -87,6 +90,8 @@ class RemoteStore(FaultDomain):
   # -- AW side: sent, never waited for --------------------------------------------------------
 
   def log_step(self, aw: int, seq: int, rows, kv):
+    """`kv`: the step's KV, or {"from": the AW's data-plane address} if the AW sent it to
+    `address` itself."""
     self._cast("log_step", aw, seq, rows, kv)
 
   def base(self, aw: int, rows, k, v):
@@ -127,10 +132,21 @@ class RemoteStore(FaultDomain):
   def _check_init(self):
     if self._init is not None:
       try:
-        self._init.result(0.0)
+        self._address = self._init.result(0.0)["address"]
       except RemoteError as err:
         raise RemoteError(f"{self.name} failed to start: {err}") from err
       self._init = None
+
+  @property
+  def address(self) -> str | None:
+    """The store's data-plane inbox, where AWs send their KV directly; None until the store
+    has started (until then the KV goes through the control plane, in `log_step`)."""
+    if self._init is not None and self._init.arrived():
+      try:
+        self._check_init()
+      except RemoteError:
+        return None  # (the next `mark` raises it)
+    return self._address
 
   @property
   def flushing(self) -> bool:

@@ -31,6 +31,7 @@ WORKER = (sys.executable, "-m", "tarragon_jax.runtime.host")
 PLATFORMS = ("cpu", "cuda", "gpu", "rocm")
 _SLICE_S = 0.05  # how often a wait for READY checks that the process still runs
 _REAP_S = 5.0  # the longest wait for a SIGKILLed (or closing) child to be reaped
+_PF_EXITING = 0x4  # linux/sched.h: the task is getting shut down
 
 
 class SpawnError(RuntimeError):
@@ -78,6 +79,7 @@ class Child:
     self._deadline = time.perf_counter() + start.seconds
     self._out = b""  # stdout read so far, until the READY line
     self._addresses: tuple[str, str] | None = None
+    self._stat: int | None = None  # an open /proc/<pid>/stat (-1: none), for `gone`
 
   def ready(self) -> tuple[str, str]:
     """Waits for the process to bind; its (request address, probe address).
@@ -134,9 +136,45 @@ class Child:
     return "it is still running" if why is None else why
 
   def gone(self) -> str | None:
-    """None while the process runs (or is stopped), else how it ended."""
+    """None while the process runs (or is stopped), else how it ended, or that it is ending.
+
+    A killed process is reaped only once the kernel has torn its memory down (30-110 ms for a
+    JAX worker here, more under load), and until then its ports still accept connections;
+    but the kernel marks it as exiting (PF_EXITING) within a millisecond of the signal, and an
+    exiting process never runs user code again: that is as certain as its exit status.
+    """
     code = self.proc.poll()
-    return None if code is None else describe_exit(code)
+    if code is not None:
+      self._close_stat()
+      return describe_exit(code)
+    return self._exiting()
+
+  def _exiting(self) -> str | None:
+    """How the process is ending, once the kernel has marked it as exiting (Linux; None
+    elsewhere, and while it runs)."""
+    if self._stat is None:
+      try:
+        self._stat = os.open(f"/proc/{self.pid}/stat", os.O_RDONLY)
+      except OSError:
+        self._stat = -1
+    if self._stat < 0:
+      return None
+    try:
+      stat = os.pread(self._stat, 1024, 0)
+    except OSError:  # (it has been reaped meanwhile)
+      return None
+    fields = stat[stat.rindex(b")") + 2:].split()  # from the 3rd field on, after "(comm)"
+    if not int(fields[6]) & _PF_EXITING:  # the 9th: flags
+      return None
+    status = int(fields[49]) if len(fields) > 49 else 0  # the 52nd: waitpid's status
+    if status & 0x7F:
+      return describe_exit(-(status & 0x7F)) + " (it is exiting)"
+    return "its process is exiting"
+
+  def _close_stat(self):
+    if self._stat is not None and self._stat >= 0:
+      os.close(self._stat)
+    self._stat = -1
 
   def alive(self) -> bool:
     return self.proc.poll() is None
@@ -154,6 +192,7 @@ class Child:
     self.signal(signal.SIGKILL)
     try:
       self.proc.wait(timeout=_REAP_S)
+      self._close_stat()
     except subprocess.TimeoutExpired:  # the kernel holds it: `gone` sees it later
       pass
 

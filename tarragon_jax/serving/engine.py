@@ -1,12 +1,14 @@
-"""The disaggregated serving engine (local runtime): AWs and EWs on separate cells, one process.
+"""The disaggregated serving engine: AWs and EWs on separate cells or processes, one driver.
 
 Each iteration extends every placed request by the tokens it still has to feed: a prompt
 (prefill), the tail of a restored request, or its last sampled token (decode). Iterations that
 feed more than one token to some request run those requests only (padded to a length bucket);
-otherwise every request decodes one token. Within an iteration the engine walks the layers:
-every AW attends and packs per-EW buffers, the buffers cross to the EWs, every EW runs one
-batched expert call over all AWs' buffers, the results cross back, every AW combines. All of it
-is dispatched asynchronously: nothing waits on a device until the sampled tokens are fetched.
+otherwise every request decodes one token. Within an iteration, per layer, every AW attends and
+packs per-EW buffers, the buffers cross to the EWs, every EW runs one batched expert call over
+all AWs' buffers, the results cross back, every AW combines (`serving/exchange.py`). In the
+local runtime the engine walks the layers itself, dispatching asynchronously (nothing waits on
+a device until the sampled tokens are fetched); in the process runtime each worker runs the
+whole step by itself and the engine sends each one message a step.
 
 Failures are found inside that exchange (`Detector`) and handed to the recovery policy
 (`Tarragon` or `GlobalRestart`); faults are injected at layer boundaries (`FaultInjector`).
@@ -345,7 +347,9 @@ class Engine(LayerExchange, Frontend):
     device work is done; a memcpy, ~3 us a step of the tiny model): a store that held the
     device buffers for a batch and copied them in its own thread cost ~1.4 % more of the
     fault-free throughput on 2 cores. An accelerator's KV goes as the device array, so that the
-    device-to-host transfer stays off the serving thread (the store's thread makes it).
+    device-to-host transfer stays off the serving thread (the store's thread makes it). In the
+    process runtime the AW has sent its KV to the store itself: `kv` is then {"from": its
+    data-plane address}, and no KV passes through here.
     """
     if self.state.store is None:
       return

@@ -1,4 +1,5 @@
-"""The datapath of one layer across cells, driven from the control plane; failures found in it.
+"""A step across all workers, and one layer of it driven from the control plane; failures found
+in it.
 
 A mixin of `Engine` (it uses the engine's cluster state, detector and recovery). The control
 plane sends each worker what to run and whom to expect; the activations go worker to worker
@@ -9,6 +10,11 @@ its results), `combine` (every AW adds them in). `run_layer` chains them and han
 goes wrong: a dead or silent AW is left out of the layer and handed to the recovery; the AWs
 that had sent tokens to a failed EW, or whose messages were lost, replay the layer (a new
 attempt) under the table the recovery installed.
+
+`run_step` runs a whole step: layer by layer as above where the workers are cooperative (the
+local runtime), or, where each worker is its own process, with one message to each worker
+that then runs the step's layers by itself (`_run_autonomous`); `run_layer` is then only the
+way a step that met a failure is finished.
 """
 
 from __future__ import annotations
@@ -203,7 +209,9 @@ class LayerExchange:
     A worker declared failed while the others run is cancelled at once at its peers (they
     stop waiting for its messages; a killed one's peers see its port refuse even sooner). Then
     the recovery runs, and the AWs that stopped at a failed EW finish the step layer by layer
-    from the control plane, replaying the layer they stopped at (as `run_layer` does).
+    from the control plane, replaying the layer they stopped at (as `run_layer` does). An AW
+    that finishes sends its KV to the snapshot store itself; the store's `log_step` then
+    names the sender instead of carrying the KV.
     """
     state, layers = self.state, self.cfg.num_layers
     self._fire_faults(0)
@@ -212,9 +220,10 @@ class LayerExchange:
     live = [a for a in live if state.slot_owner[a] is not None]
     ews = state.live_ews()
     num_ew, S = len(state.ews), state.placement.slots_per_layer
+    kv_to = getattr(state.store, "address", None)  # (None: no store, or not started yet)
     calls = {state.aws[a].name: (state.aws[a], lambda w, a=a: w.run_step(
         seq, batches[a][:3], self._sampling_arrays(batches[a][3]), num_ew, S, ews, capacity,
-        self._wait_s)) for a in live}
+        self._wait_s, kv_to)) for a in live}
     calls.update({state.ews[m].name: (state.ews[m], lambda w, m=m: w.serve_step(
         seq, live, len(state.aws), self.ew_slots[m], capacity, self._wait_s)) for m in ews})
     started = self._issue(calls)
@@ -242,8 +251,8 @@ class LayerExchange:
       out = outs[f"aw{a}"]
       if out is None:
         self.recovery.aw_failed(a, missed.get(a, 0))
-      elif out[0] == "done":
-        done[a] = out[1:]
+      elif out[0] == "done":  # its KV went to the store directly: the store is told whence
+        done[a] = (out[1], {"from": state.aws[a].address} if isinstance(out[2], str) else out[2])
     if stopped:
       self.timeline.add("replay", layer=min(stopped.values()), aws=sorted(stopped),
                         failed_ews=failed)

@@ -23,6 +23,12 @@ import jax
 from tarragon_jax.mesh.transfer import Transfers
 
 Tag = tuple  # (step, layer, attempt, sender name)
+KV_LAYER = -1  # the layer of a tag that carries an AW's step KV to the snapshot store
+
+
+def kv_tag(step: int, aw: str) -> Tag:
+  """The tag of AW `aw`'s KV of step `step`, sent to the snapshot store's inbox."""
+  return (step, KV_LAYER, 0, aw)
 
 
 class Peer:

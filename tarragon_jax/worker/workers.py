@@ -22,7 +22,7 @@ from tarragon_jax.layers.params import ExpertParams, ModelParams, abstract_param
 from tarragon_jax.mesh.cells import AW_RULES, EW_RULES, Cell
 from tarragon_jax.worker import datapath
 from tarragon_jax.worker.buckets import all_buckets, bucket
-from tarragon_jax.worker.dataplane import Peer
+from tarragon_jax.worker.dataplane import Peer, kv_tag
 from tarragon_jax.worker.fault_domain import FaultDomain
 from tarragon_jax.worker.placement import Placement
 
@@ -196,7 +196,8 @@ class AttentionWorker(FaultDomain, Peer):
     return tokens, segment
 
   def run_step(self, step: int, batch: tuple, sampling: tuple, num_ew: int,
-               slots_per_layer: int, ews: list[int], capacity: int, wait_s: float):
+               slots_per_layer: int, ews: list[int], capacity: int, wait_s: float,
+               kv_to: str | None = None):
     """A whole step run by the worker itself: `begin`, then per layer `attend` (buffers to
     the EWs) and `combine` (their results, waited for as they come), then `sample`. The
     control plane sends one message a step and hears back once.
@@ -212,10 +213,13 @@ class AttentionWorker(FaultDomain, Peer):
       sampling: (key_data, step, temperature, top_p), as `sample` takes them.
       ews: the live EWs; wait_s: how long to wait for one result (a backstop: a wait also
         ends when the sender's process is gone or the control plane cancels it).
+      kv_to: the snapshot store's data-plane address: the step's KV goes there directly
+        (tagged `kv_tag`), not back in the reply.
 
     Returns:
-      ("done", tokens, KV segment) as `sample` returns them; ("stopped", layer, the EWs whose
-      results did not come); None if the worker is hung.
+      ("done", tokens, KV segment) as `sample` returns them (the segment "sent" if it went
+      to `kv_to`); ("stopped", layer, the EWs whose results did not come); None if the worker
+      is hung.
     """
     if self.begin(step, *batch) is None:
       return None
@@ -231,7 +235,14 @@ class AttentionWorker(FaultDomain, Peer):
                          for later in range(layer + 1, layers) for m in ews])
         return "stopped", layer, lost
     out = self.sample(*sampling)
-    return None if out is None else ("done", *out)
+    if out is None:
+      return None
+    tokens, segment = out
+    if kv_to is not None and segment is not None:
+      self.plane.connect({"store": kv_to})  # (a no-op while the store stays the same)
+      self.plane.send([("store", kv_tag(step, self.name), segment)])
+      segment = "sent"
+    return "done", tokens, segment
 
   def restore(self, slot: int, k: np.ndarray, v: np.ndarray) -> int:
     """Writes a request's KV (host [L, n, K, H]) into `slot`; returns the bytes moved."""
