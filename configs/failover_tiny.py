@@ -1,7 +1,7 @@
 """The main job: fault-free, an AW kill, an EW kill and an EW hang, each with Tarragon and with
 the global-restart baseline, plus fault-free throughput, on the tiny MoE and 8 CPU devices.
 
-About 3 minutes on 2 CPU cores; prints the comparison table and writes summary.json,
+About 4 minutes on 2 CPU cores; prints the comparison table and writes summary.json,
 results.jsonl, timeline_*.jsonl, timeline.png and stalls.png under `workdir`:
 
   python -m experiments.failover --config=configs/failover_tiny.py

@@ -38,7 +38,6 @@ from experiments import launch_config  # noqa: E402
 from experiments import workload as wl  # noqa: E402
 from tarragon_jax.checkpoint import save_checkpoint  # noqa: E402
 from tarragon_jax.resilience.faults import parse_faults  # noqa: E402
-from tarragon_jax.runtime.remote import ProcessRuntime  # noqa: E402
 from tarragon_jax.serving.engine import Engine  # noqa: E402
 from tarragon_jax.serving.metrics import compile_count, fault_stalls  # noqa: E402
 
@@ -61,7 +60,7 @@ def _engine(cd, cfg, params, weights_dir, recovery: str, snapshots: bool, spawne
   ec = launch_config.engine_config(cd, shadows_per_expert=shadows, resilience=dict(
       recovery=recovery, snapshots=snapshots, weights_dir=weights_dir))
   engine = Engine(cfg, params, ec,
-                  runtime=None if spawner is None else ProcessRuntime(spawner, _CACHE.value))
+                  runtime=launch_config.make_runtime(cd, spawner, _CACHE.value))
   if fault_free:
     engine.warm_up([1, engine.bucket(cd.workload.prompt_len)])
   else:

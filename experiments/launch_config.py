@@ -173,9 +173,20 @@ def add_runtime_fields(c: ml_collections.ConfigDict, runtime: str = "local", slo
   c.slots = slots  # process: worker processes on this host at once (one device each)
   c.platform = "cpu"  # process: the workers' JAX platform ("cuda": one GPU per process)
   c.devices = 0  # process: share this many local GPUs among the slots (0: one GPU per slot)
+  c.transport = "zmq"  # process, cluster: the data plane, "zmq" or "transfer" (jax pulls)
   c.listen = "0.0.0.0:7000"  # cluster: where the registry listens (PORT and PORT+1)
   c.hosts = 2  # cluster: how many host agents to wait for
   c.weights_dir = ""  # cluster: an orbax checkpoint every host can read ("" = a scratch copy)
+
+
+def make_runtime(cd: ml_collections.ConfigDict, spawner, compile_cache: str):
+  """The runtime of one engine: None (the local runtime) without a spawner, else a
+  `ProcessRuntime` on it with the config's transport."""
+  from tarragon_jax.runtime.remote import ProcessRuntime
+
+  if spawner is None:
+    return None
+  return ProcessRuntime(spawner, compile_cache, transport=cd.get("transport", "zmq"))
 
 
 def make_spawner(cd: ml_collections.ConfigDict):

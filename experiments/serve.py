@@ -27,7 +27,6 @@ import tarragon_jax as tj  # noqa: E402
 from experiments import launch_config  # noqa: E402
 from experiments import workload as wl  # noqa: E402
 from tarragon_jax.resilience.faults import parse_faults  # noqa: E402
-from tarragon_jax.runtime.remote import ProcessRuntime  # noqa: E402
 from tarragon_jax.serving.engine import Engine  # noqa: E402
 from tarragon_jax.serving.metrics import compile_count, fault_stalls  # noqa: E402
 from tarragon_jax.serving.reference import reference_greedy  # noqa: E402
@@ -59,7 +58,7 @@ def main(argv):
   spawner = launch_config.make_spawner(cd)
   try:
     engine = Engine(cfg, params, ec,
-                    runtime=None if spawner is None else ProcessRuntime(spawner, _CACHE.value))
+                    runtime=launch_config.make_runtime(cd, spawner, _CACHE.value))
     _serve(cd, cfg, params, engine, faults, workdir, compiles_at_start)
   finally:
     if spawner is not None:

@@ -90,12 +90,13 @@ def test_a_failed_store_process_is_replaced_and_later_restores_use_the_new_one(s
   assert restores and all(r["mode"] == "restore" and r["restored"] > 0 for r in restores)
 
 
-@pytest.mark.parametrize("faults", [
-    "kill:ew1@step=4,layer=1; hang:aw0@step=8",  # SIGKILL an EW, later SIGSTOP an AW
-    "kill:aw1@step=5,layer=0; kill:ew0@step=5,layer=0",  # two at once
+@pytest.mark.parametrize("faults, transport", [
+    ("kill:ew1@step=4,layer=1; hang:aw0@step=8", "zmq"),  # SIGKILL an EW, later SIGSTOP an AW
+    ("kill:aw1@step=5,layer=0; kill:ew0@step=5,layer=0", "zmq"),  # two at once
+    ("kill:ew1@step=4,layer=1; hang:aw0@step=8", "transfer"),  # the same on jax's pulls
 ])
-def test_signals_to_worker_processes_are_survived(faults):
-  engine = _serve(ProcessRuntime(LocalSpawner(6)), faults)
+def test_signals_to_worker_processes_are_survived(faults, transport):
+  engine = _serve(ProcessRuntime(LocalSpawner(6), transport=transport), faults)
   _check(engine)
   declared = {ev["worker"]: ev["how"] for ev in engine.timeline.of("declared_failed")}
   # A killed process is declared at once (its connection dropped, its port refuses); a stopped

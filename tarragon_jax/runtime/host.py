@@ -7,9 +7,10 @@ Prints `READY <address> <probe address>` once its endpoint is bound on ADDRESS (
 - {"op": "init", "spec": {...}}: builds the worker: an AW or EW loads its weights with orbax
   (the same `AttentionWorker` / `ExpertWorker` classes the local runtime uses) on this
   process's device, refusing weights whose fingerprint is not the spec's, and binds its data
-  plane (`ZmqPlane`; the reply carries its address: peers send activations there directly); a
-  store opens its durable tier (`SnapshotStore`), and the process exits (code 70) if the
-  store's thread dies;
+  plane (`ZmqPlane`, or `TransferPlane` with spec transport="transfer"; the reply carries its
+  address: peers send activations there directly); a store opens its durable tier
+  (`SnapshotStore`) and binds a data-plane inbox, where AWs send their KV directly
+  (`DirectStore`), and the process exits (code 70) if the store's thread dies;
 - {"op": "call", "method": m, "args": [...]}: calls the worker; device arrays in the result
   come back as host arrays;
 - {"op": "cast", ...}: a call whose reply nobody reads (none is sent);
@@ -40,6 +41,7 @@ from tarragon_jax.resilience.snapshot_store import SnapshotStore  # noqa: E402
 from tarragon_jax.runtime import compile_cache  # noqa: E402
 from tarragon_jax.runtime.channel import Endpoint  # noqa: E402
 from tarragon_jax.runtime.peer_plane import ZmqPlane  # noqa: E402
+from tarragon_jax.runtime.transfer_plane import TransferPlane  # noqa: E402
 from tarragon_jax.worker.dataplane import kv_tag  # noqa: E402
 from tarragon_jax.worker.placement import Placement  # noqa: E402
 from tarragon_jax.worker.workers import AttentionWorker, ExpertWorker, ew_weights  # noqa: E402
@@ -85,6 +87,7 @@ class DirectStore:
       name = f"aw{aw}"
       self.plane.connect({name: kv["from"]})  # (to see the AW's port refuse if it died)
       kv = self.plane.take(kv_tag(seq, name), self.wait_s)
+      self.plane.forget(before_step=seq - 1)  # (KV whose step was never logged: its AW failed)
       if kv is None:
         self.lost_steps += 1
         return
@@ -103,14 +106,17 @@ def build(spec: dict, host: str = "127.0.0.1"):
   # `fingerprint`: the weights the driver serves; a checkpoint holding others is refused.
   _, params = load_checkpoint(spec["weights_dir"], shardings=cell.replicated(),
                               expect=spec.get("fingerprint"))
+  # On ZeroMQ arrays arrive as host arrays; pulled with `transfer`, as arrays on this device.
+  transfer = spec.get("transport") == "transfer"
+  plane = TransferPlane(host, cell.devices[0]) if transfer else ZmqPlane(host)
   if spec["kind"] == "aw":
-    return AttentionWorker(spec["index"], cell, cfg, params, spec["slots"], ZmqPlane(host),
-                           spec["snapshots"], host_inputs=True)
+    return AttentionWorker(spec["index"], cell, cfg, params, spec["slots"], plane,
+                           spec["snapshots"], host_inputs=not transfer, host_routing=True)
   placement = Placement(spec["num_ew"], spec["slots_per_layer"],
                         np.asarray(spec["contents"]), np.asarray(spec["replicas"]))
   experts = ew_weights(params, placement, spec["index"])
-  return ExpertWorker(spec["index"], cell, cfg, experts, spec["num_ew"], ZmqPlane(host),
-                      host_inputs=True)
+  return ExpertWorker(spec["index"], cell, cfg, experts, spec["num_ew"], plane,
+                      host_inputs=not transfer)
 
 
 def serve(endpoint: Endpoint, host: str = "127.0.0.1"):
@@ -160,6 +166,11 @@ def main(argv: list[str]):
   threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
   print(f"READY {endpoint.address} {endpoint.probe_address}", flush=True)
   serve(endpoint, host)
+  # Without the interpreter's shutdown: a pull the data plane abandoned (`TransferPlane`) would
+  # wake in it and abort the process.
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)
 
 
 def _exit_with_parent(parent: int):

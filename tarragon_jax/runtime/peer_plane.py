@@ -11,6 +11,7 @@ copy on receipt).
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import numpy as np
@@ -25,6 +26,16 @@ GONE_CHECK_S = 0.005  # while a message is waited for, how often its sender's pr
 _WONT_COME = object()  # the control plane said that this message will not come
 
 
+class Incoming:
+  """A message whose data is still on its way (e.g. a pull under way in another thread): `take`
+  waits on `done` for it, as it would for a message to arrive."""
+
+  def __init__(self):
+    self.done = threading.Event()
+    self.value = None
+    self.error: str | None = None
+
+
 class ZmqPlane:
   """A worker process's data plane (see `worker/dataplane.py` for the interface)."""
 
@@ -36,6 +47,7 @@ class ZmqPlane:
     self._links: dict[str, tuple[str, zmq.Socket]] = {}  # name -> (address, socket)
     self.inbox: dict[Tag, np.ndarray] = {}
     self.bytes_sent = self.sent = self.dropped = 0
+    self.abandoned = 0  # pulls given up on (`Incoming`: a transport that pulls)
     self.missed = None  # why the last `take` returned None
 
   def connect(self, peers: dict):
@@ -61,17 +73,26 @@ class ZmqPlane:
     None says that the message with this tag will not come."""
     for peer, tag, x in items:
       link = self._links.get(peer)
-      a = None if x is None else np.asarray(x)  # (None: that message will not come)
       if link is None:
         self.dropped += 1
         continue
+      message, nbytes = self._message(peer, tag, x)
       try:
-        link[1].send_multipart(wire.encode({"tag": list(tag), "x": a}), copy=False,
-                               flags=zmq.NOBLOCK)
+        link[1].send_multipart(wire.encode(message), copy=False, flags=zmq.NOBLOCK)
         self.sent += 1
-        self.bytes_sent += 0 if a is None else a.nbytes
+        self.bytes_sent += nbytes
       except zmq.Again:
         self.dropped += 1
+
+  def _message(self, peer: str, tag: Tag, x) -> tuple[dict, int]:
+    """The message to `peer` that carries `x` (None: it will not come), and its array bytes."""
+    a = None if x is None else np.asarray(x)
+    return {"tag": list(tag), "x": a}, 0 if a is None else a.nbytes
+
+  def _arrived(self, message: dict):
+    """What goes into the inbox for an arrived message carrying data: its array (a transport
+    that sends only a notice returns an `Incoming`)."""
+    return message["x"]
 
   def _receive(self, timeout_s: float) -> bool:
     """Moves one arrived message into the inbox, waiting up to `timeout_s`; False if none."""
@@ -80,10 +101,13 @@ class ZmqPlane:
     _, *frames = self._inbox_sock.recv_multipart(copy=False)
     message = wire.decode(frames)
     tag = tuple(message["tag"])
-    if message["x"] is None:  # (a message that did arrive is kept: "will not come" came late)
+    if message["x"] is not None or "pull" in message:
+      self.inbox[tag] = self._arrived(message)
+    elif isinstance(self.inbox.get(tag), Incoming) and not self.inbox[tag].done.is_set():
+      self.inbox[tag] = _WONT_COME  # (a pull still under way is abandoned)
+      self.abandoned += 1
+    else:  # (a message that did arrive is kept: "will not come" came late)
       self.inbox.setdefault(tag, _WONT_COME)
-    else:
-      self.inbox[tag] = message["x"]
     return True
 
   def take(self, tag: Tag, wait_s: float = 0.0):
@@ -97,22 +121,30 @@ class ZmqPlane:
     while True:
       while self._receive(0.0):  # whatever has arrived
         pass
-      if tag in self.inbox:
-        x = self.inbox.pop(tag)
+      x = self.inbox.get(tag)
+      incoming = isinstance(x, Incoming)
+      if x is not None and not incoming:
+        del self.inbox[tag]
         if x is _WONT_COME:
           self.missed = "cancelled"
           return None
         return x
       now = time.perf_counter()
-      if now - start >= wait_s:
-        self.missed = "timed out"
+      left = wait_s - (now - start)
+      if incoming and x.done.wait(max(0.0, min(left, GONE_CHECK_S))):
+        del self.inbox[tag]
+        self.missed = None if x.error is None else f"pull failed: {x.error}"
+        return x.value
+      if left <= 0 or now - checked >= GONE_CHECK_S and self._gone(tag[3]):
+        self.missed = "timed out" if left <= 0 else "sender gone"
+        if incoming:  # a pull that may never end: left to its thread, counted
+          del self.inbox[tag]
+          self.abandoned += 1
         return None
       if now - checked >= GONE_CHECK_S:
         checked = now
-        if self._gone(tag[3]):
-          self.missed = "sender gone"
-          return None
-      self._receive(min(wait_s - (now - start), GONE_CHECK_S))
+      if not incoming:
+        self._receive(min(left, GONE_CHECK_S))
 
   def _gone(self, peer: str) -> bool:
     """Whether `peer`'s process is gone: its inbox port refuses a TCP connection (a stopped

@@ -165,6 +165,9 @@ for _method in ("begin", "attend", "combine", "sample", "run_step", "restore", "
   setattr(RemoteWorker, _method, _forward(_method))
 
 
+TRANSPORTS = ("zmq", "transfer")
+
+
 class ProcessRuntime:
   """Workers as processes, one device each: on this host (`LocalSpawner`, default) or on the
   hosts of registered agents (`AgentSpawner`). The snapshot store is a process on this host,
@@ -178,9 +181,17 @@ class ProcessRuntime:
   remote = True
   autonomous = True  # each worker process runs a whole step by itself (`run_step`)
 
-  def __init__(self, spawner=None, compile_cache: str = DEFAULT_COMPILE_CACHE):
+  def __init__(self, spawner=None, compile_cache: str = DEFAULT_COMPILE_CACHE,
+               transport: str = "zmq"):
+    """`transport`: how activations go between worker processes, one of `TRANSPORTS`: "zmq"
+    (host arrays over ZeroMQ, `ZmqPlane`) or "transfer" (pulls with jax.experimental.transfer,
+    `TransferPlane`). "zmq" is the default on every platform: on CPU it was measured faster
+    (docs/results.md); on GPU "transfer" moves arrays device to device, not yet measured."""
+    if transport not in TRANSPORTS:
+      raise ValueError(f"ProcessRuntime: transport={transport!r}; use one of {TRANSPORTS}")
     self.spawner = spawner or LocalSpawner()
     self.compile_cache = compile_cache
+    self.transport = transport
     self.workers: list[RemoteWorker] = []
     self.resilience = None  # the engine's ResilienceConfig, once it has started workers
     self._store_spawner = LocalSpawner(0)
@@ -244,7 +255,8 @@ class ProcessRuntime:
                            fingerprint=engine.weights_fingerprint,
                            slots=engine.engine_cfg.slots_per_aw, snapshots=rc.snapshots,
                            num_ew=p.num_ew, slots_per_layer=p.slots_per_layer,
-                           contents=p.contents, replicas=p.replicas)) for w in workers]
+                           contents=p.contents, replicas=p.replicas,
+                           transport=self.transport)) for w in workers]
       for w, pending in zip(workers, inits):
         try:
           w.address = pending.result()["address"]

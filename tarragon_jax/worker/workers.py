@@ -38,13 +38,18 @@ class AttentionWorker(FaultDomain, Peer):
   """Holds attention weights, the router and a KV cache of `num_slots` request slots."""
 
   def __init__(self, index: int, cell: Cell, cfg: ModelConfig, params: ModelParams,
-               num_slots: int, plane, snapshots: bool = True, host_inputs: bool = False):
+               num_slots: int, plane, snapshots: bool = True, host_inputs: bool = False,
+               host_routing: bool | None = None):
     """`plane`: its `DataPlane`. `snapshots`: each step also returns its new KV for the
-    snapshot store. `host_inputs`: the EWs' results arrive as host arrays (a worker process),
-    so `warm_up` compiles for those (a jitted call compiles again for inputs of another
-    kind)."""
+    snapshot store. `host_inputs`: the EWs' results arrive as host arrays (a worker process
+    on ZeroMQ), so `warm_up` compiles for those (a jitted call compiles again for inputs of
+    another kind). `host_routing` (default: `host_inputs`): each layer's routing counts are
+    fetched to the host at once, so that the worker waits only for the EWs it routed tokens
+    to (a worker process, which waits for them anyway; in one process that fetch would stall
+    the asynchronous dispatch)."""
     self.index, self.cell, self.cfg, self.num_slots = index, cell, cfg, num_slots
     self.snapshots, self.host_inputs = snapshots, host_inputs
+    self.host_routing = host_inputs if host_routing is None else host_routing
     self.name = f"aw{index}"
     self.plane = plane
     aw_params = datapath.attention_params(params)
@@ -128,7 +133,7 @@ class AttentionWorker(FaultDomain, Peer):
     self.attended = layer
     bufs, counts = self._attend(layer, self.active, num_ew, slots_per_layer)
     self.plane.send([(f"ew{m}", (step, layer, attempt, self.name), bufs[m]) for m in ews])
-    self.counts = np.asarray(counts) if self.host_inputs else counts
+    self.counts = np.asarray(counts) if self.host_routing else counts
     return self.counts
 
   def missing(self, capacity: int):
@@ -156,7 +161,7 @@ class AttentionWorker(FaultDomain, Peer):
     """
     if not self._serving():
       return None
-    routed = None if not self.host_inputs else self.counts  # (on the host: no device sync)
+    routed = self.counts if self.host_routing else None  # (on the host: no device sync)
     results = [self.missing(capacity)] * num_ew
     lost = []
     for m in ews:
