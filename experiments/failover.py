@@ -49,12 +49,16 @@ KINDS = {"aw": "AW kill", "ew": "EW kill", "ew_hang": "EW hang"}  # the failure 
 
 
 def _engine(cd, cfg, params, weights_dir, recovery: str, snapshots: bool, spawner,
-            fault_free: bool = False) -> Engine:
+            fault_free: bool = False, transport: str | None = None) -> Engine:
   """An engine on this process's devices (`spawner` None) or on worker processes.
 
   `fault_free`: it only serves the throughput batch, so only its decode step and the prompts'
   prefill bucket are compiled up front (a rebuild then takes ~0.05 s instead of ~0.3 s).
+  `transport`: the worker processes' data plane, if not the config's.
   """
+  if transport is not None:
+    cd = cd.copy_and_resolve_references()
+    cd.transport = transport
   # The MegaScale-like baseline holds no shadow experts: it restarts everything on a failure.
   shadows = cd.shadows_per_expert if recovery == "tarragon" else 0
   ec = launch_config.engine_config(cd, shadows_per_expert=shadows, resilience=dict(
@@ -114,11 +118,13 @@ def _throughput(cd, cfg, params, weights_dir, spawner) -> list[dict]:
   (measured: two identical baseline engines 0.92-1.0 apart over 30 repetitions), and rebuilding
   spreads that over every variant instead of biasing one comparison.
   """
-  variants = {"snapshots_on": ("tarragon", True, spawner),
-              "snapshots_off": ("tarragon", False, spawner),
-              "global_restart": ("global_restart", False, spawner)}
-  if spawner is not None:
-    variants["local_runtime"] = ("tarragon", True, None)
+  variants = {"snapshots_on": ("tarragon", True, spawner, None),  # (..., transport)
+              "snapshots_off": ("tarragon", False, spawner, None),
+              "global_restart": ("global_restart", False, spawner, None)}
+  if spawner is not None:  # the local runtime, and the other transport between processes
+    variants["local_runtime"] = ("tarragon", True, None, None)
+    other = "transfer" if cd.transport == "zmq" else "zmq"
+    variants[f"{other}_transport"] = ("tarragon", True, spawner, other)
   rng = np.random.default_rng(cd.seed + 1)
   records, engines, builds = [], {}, 0
   try:
@@ -126,8 +132,8 @@ def _throughput(cd, cfg, params, weights_dir, spawner) -> list[dict]:
       if not engines or (cd.rebuild_every and rep % cd.rebuild_every == 0):
         _close(engines)
         names = list(variants) if builds % 2 == 0 else list(variants)[::-1]
-        engines = {k: _engine(cd, cfg, params, weights_dir, *variants[k], fault_free=True)
-                   for k in names}
+        engines = {k: _engine(cd, cfg, params, weights_dir, *variants[k][:3], fault_free=True,
+                              transport=variants[k][3]) for k in names}
         builds += 1
       order = list(variants) if rep % 2 == 0 else list(variants)[::-1]
       prompts = rng.integers(0, cfg.vocab_size, (cd.throughput_requests, cd.workload.prompt_len))
@@ -152,8 +158,6 @@ def _throughput(cd, cfg, params, weights_dir, spawner) -> list[dict]:
   return records
 
 
-# The per-layer datapath's calls: the activations (hidden states, expert outputs) of a step
-# would pass through the driver in their messages; tokens, KV and control are the others'.
 # The messages that would carry activations (hidden states, expert outputs) if any passed
 # through the driver: those of the phase-by-phase datapath both ways, and the replies of a
 # worker's own step (a `run_step` request carries tokens and sampling settings).
@@ -302,6 +306,10 @@ def _report(runs: list[dict], throughput: list[dict], cd) -> dict:
                                                                 tp["local_runtime"])))
     print(f"process runtime / local runtime throughput: {out['throughput_process_local']:.3f} "
           f"(local {med['local_runtime']:.0f} tok/s)")
+    other = next(k for k in tp if k.endswith("_transport"))
+    out["throughput_transports"] = float(np.median(np.divide(tp[other], tp["snapshots_on"])))
+    print(f"data plane {other.removesuffix('_transport')} / {cd.transport} throughput: "
+          f"{out['throughput_transports']:.3f} (median per-repetition ratio)")
   per_step = [r["driver_bytes_per_step"] for r in throughput
               if r["variant"] == "snapshots_on" and r.get("driver_bytes_per_step")]
   if per_step:

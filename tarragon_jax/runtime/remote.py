@@ -185,8 +185,9 @@ class ProcessRuntime:
                transport: str = "zmq"):
     """`transport`: how activations go between worker processes, one of `TRANSPORTS`: "zmq"
     (host arrays over ZeroMQ, `ZmqPlane`) or "transfer" (pulls with jax.experimental.transfer,
-    `TransferPlane`). "zmq" is the default on every platform: on CPU it was measured faster
-    (docs/results.md); on GPU "transfer" moves arrays device to device, not yet measured."""
+    `TransferPlane`). "zmq" is the default on every platform: on CPU "transfer" gave 0.48x its
+    throughput (docs/results.md); on GPU "transfer" moves arrays device to device, not yet
+    measured."""
     if transport not in TRANSPORTS:
       raise ValueError(f"ProcessRuntime: transport={transport!r}; use one of {TRANSPORTS}")
     self.spawner = spawner or LocalSpawner()
