@@ -30,7 +30,7 @@ def _local_pair():
 PROCESS_PLANES = {"zmq": ZmqPlane, "transfer": TransferPlane}
 
 
-def _zmq_pair(kind: str = "zmq"):
+def _process_pair(kind: str = "zmq"):
   a, b = PROCESS_PLANES[kind](), PROCESS_PLANES[kind]()
   a.connect({"b": b.address})
   b.connect({"a": a.address})
@@ -62,7 +62,7 @@ def test_local_stale_steps_are_forgotten():
 
 @pytest.mark.parametrize("kind", PROCESS_PLANES)
 def test_process_messages_are_taken_by_tag_whatever_arrived_first(kind):
-  a, b = _zmq_pair(kind)
+  a, b = _process_pair(kind)
   try:
     first, second = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(3, np.float32)
     a.send([("b", (7, 1, 0, "a"), first), ("b", (7, 0, 1, "a"), second)])
@@ -76,7 +76,7 @@ def test_process_messages_are_taken_by_tag_whatever_arrived_first(kind):
 
 @pytest.mark.parametrize("kind", PROCESS_PLANES)
 def test_process_a_message_that_will_not_come_ends_the_wait(kind):
-  a, b = _zmq_pair(kind)
+  a, b = _process_pair(kind)
   control = ZmqPlane()
   control.connect({"b": b.address})
   try:
@@ -97,7 +97,7 @@ def test_process_a_message_that_will_not_come_ends_the_wait(kind):
 
 @pytest.mark.parametrize("kind", PROCESS_PLANES)
 def test_process_a_sender_whose_process_is_gone_ends_the_wait(kind):
-  a, b = _zmq_pair(kind)
+  a, b = _process_pair(kind)
   try:
     a.close()  # its inbox port now refuses connections, as a killed process's does
     assert b.take((1, 0, 0, "a"), LONG_S) is None
@@ -108,10 +108,10 @@ def test_process_a_sender_whose_process_is_gone_ends_the_wait(kind):
 _ABANDON = """
 import os, sys
 sys.path.insert(0, {tests!r})
-from test_data_plane import LONG_S, _zmq_pair
+from test_data_plane import LONG_S, _process_pair
 from tarragon_jax.runtime import wire
 from tarragon_jax.runtime.peer_plane import Incoming, ZmqPlane
-a, b = _zmq_pair("transfer")
+a, b = _process_pair("transfer")
 control = ZmqPlane()
 control.connect({{"b": b.address}})
 # A notice for an array that the (live) sender never offers: its pull would hang.

@@ -91,7 +91,14 @@ class ZmqPlane:
 
   def _arrived(self, message: dict):
     """What goes into the inbox for an arrived message carrying data: its array (a transport
-    that sends only a notice returns an `Incoming`)."""
+    that sends only a notice returns an `Incoming`).
+
+    Raises:
+      TypeError: a pull notice (`TransferPlane`) reached a plane that cannot pull.
+    """
+    if "pull" in message:
+      raise TypeError(f"data plane: a pull notice for {message['tag']} reached a ZeroMQ-only "
+                      "plane; every worker of a runtime must use the same transport")
     return message["x"]
 
   def _receive(self, timeout_s: float) -> bool:

@@ -138,10 +138,10 @@ class Child:
   def gone(self) -> str | None:
     """None while the process runs (or is stopped), else how it ended, or that it is ending.
 
-    A killed process is reaped only once the kernel has torn its memory down (30-110 ms for a
-    JAX worker here, more under load), and until then its ports still accept connections;
-    but the kernel marks it as exiting (PF_EXITING) within a millisecond of the signal, and an
-    exiting process never runs user code again: that is as certain as its exit status.
+    A killed process is reaped only once the kernel has torn its memory down (tens of
+    milliseconds for a JAX worker), and until then its ports still accept connections; but the
+    kernel marks it as exiting (PF_EXITING) as soon as the signal is taken, and an exiting
+    process never runs user code again: that is as certain as its exit status.
     """
     code = self.proc.poll()
     if code is not None:

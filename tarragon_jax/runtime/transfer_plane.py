@@ -6,8 +6,8 @@ receiver pulls the array straight onto its own device (device to device on GPU/T
 copy between processes). Everything else is `ZmqPlane`'s: the notices, "will not come", the
 links, and the waits that end when the sender's process is gone or the control plane cancels.
 
-A pull cannot be cancelled, and one for an array that a live peer never serves was measured to
-hang for far longer than its own timeout, so each pull runs in a thread of its own and the
+A pull cannot be cancelled, and one for an array that a live peer never serves can hang for
+far longer than its own timeout, so each pull runs in a thread of its own and the
 receiver's wait is the watchdog: a wait that ends first (its bound, the sender gone, a cancel)
 abandons the pull and counts it (`abandoned`). Detection stays on the control plane's probes:
 a dead peer surfaces in a pull only after ~0.14 s. A process that has abandoned a pull must end

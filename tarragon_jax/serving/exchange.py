@@ -138,7 +138,8 @@ class LayerExchange:
     go on without its buffer); an EW declared failed is cancelled at the AWs, and those that
     had routed tokens to it replay the layer under the new routing table (its experts now
     served by shadows) while the others combine what they have. A message that never arrived
-    makes its AW replay too.
+    makes its AW replay too. Attempts count from `first_attempt` (1 where a worker's own run
+    of the step already used attempt 0's tags), at most `MAX_ATTEMPTS` of them.
     """
     attempts = {a: first_attempt for a in live}
     todo = list(live)
