@@ -10,6 +10,7 @@ come near them.
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 from test_process_runtime import CFG, MAX_NEW, PLAN, PROMPTS, _local_tokens, _params
@@ -135,7 +136,12 @@ def test_a_dead_standby_store_is_replaced_and_a_dead_store_is_answered_for_at_on
     assert len(runtime.stores) == 2 and engine.state.store is runtime.stores[1]
     assert engine.state.store.child.alive()
     # The store process dies after serving: summary() still answers, with the store's last
-    # word on what it logged.
+    # word on what it logged. (Read once it has applied everything sent: its thread applies in
+    # batches, and on a loaded host it may not have yet.)
+    store, deadline = engine.state.store, time.perf_counter() + 120.0  # bounds a hung test
+    mark = store.mark()
+    while not store.caught_up(mark) and time.perf_counter() < deadline:
+      time.sleep(0.01)
     logged = engine.summary()["snapshot_bytes_in"]
     assert logged > 0
     engine.state.store.child.proc.kill()
