@@ -9,7 +9,9 @@ results.jsonl, timeline_*.jsonl, timeline.png and stalls.png under `workdir`:
 Override any field, e.g. `--config.fault_at_s=3 --config.workload.rate=10`, or run every
 worker as its own process with `--config.runtime=process --config.reps=6 --config.rebuild_every=0`
 (the throughput comparison then includes the local runtime; rebuilding would respawn every
-worker process).
+worker process), or as Ray actors on a 2-node Ray cluster started for the run, with a node-loss
+row: `--config.runtime=ray --config.reps=4 --config.rebuild_every=0` (as root: the cluster runs in
+a network namespace of its own).
 """
 
 import ml_collections
@@ -31,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.probe_interval_s = 0.01  # detection: probe a silent peer every 10 ms, as in the paper
   c.flush_interval_s = 0.2  # the snapshot store's durable tier
   c.warm_all_buckets = True  # compile every step length up front (False: decode + 16 only)
-  launch_config.add_runtime_fields(c)  # runtime = "local" | "process" | "cluster", ...
+  launch_config.add_runtime_fields(c)  # runtime = "local" | "process" | "ray", ...
   # Failure runs: Poisson "Random" workload in real time, one fault at `fault_at_s`.
   c.workload = ml_collections.ConfigDict()
   c.workload.num_requests = 48
@@ -42,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.aw_fault = "kill:aw1"  # + "@t=<fault_at_s>"
   c.ew_fault = "kill:ew1"
   c.hang_fault = "hang:ew1"  # SIGSTOP (local runtime: the worker stops answering)
+  c.node_fault = "kill:node1"  # runtime=ray: every worker of a node at once, and its spares
   # Fault-free throughput: `throughput_requests` arrive at once and each generates
   # `throughput_output_len` tokens; `reps` interleaved repetitions of (snapshots on, snapshots
   # off, baseline), engines rebuilt every `rebuild_every` repetitions (0: never), medians

@@ -9,7 +9,7 @@ Override any field, e.g. `--config.workload.kind=sharegpt --config.workload.rate
 failures with `--config.faults="kill:ew1@t=5; kill:aw2@t=9"` (greedy tokens must still equal
 the reference), or serve a trained model with `--checkpoint=runs/train_tiny/checkpoint` (its
 config replaces `model`). Every worker its own process: `--config.runtime=process`; on several
-hosts: `--config.runtime=cluster` (README, "Several hosts").
+hosts, as Ray actors: `--config.runtime=ray` (README, "Several hosts").
 """
 
 import ml_collections
@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.snapshots = True
   c.probe_interval_s = 0.01
   # Where workers run: "local" (this process), "process" (a process each, this host) or
-  # "cluster" (host agents; see "Several hosts" in the README).
+  # "ray" (actors on a Ray cluster; see "Several hosts" in the README).
   launch_config.add_runtime_fields(c)
   c.check_reference = True  # compare every greedy output with reference_greedy (one device)
   c.timeout_s = 600.0  # the real-time run fails after this long

@@ -11,7 +11,9 @@ request beyond its usual token gap), recomputed tokens, throughput and whether e
 greedy tokens equal the fault-free run's; then fault-free closed-loop throughput of Tarragon
 (snapshots on and off) vs the baseline in interleaved repetitions, on engines rebuilt every
 `rebuild_every` repetitions. `--config.runtime=process` runs every worker as its own OS
-process (faults are SIGKILL and SIGSTOP), and adds the local runtime to the throughput comparison.
+process (faults are SIGKILL and SIGSTOP), and adds the local runtime to the throughput comparison;
+`--config.runtime=ray` runs them as actors on a Ray cluster (by default a 2-node cluster started
+for the run, in a network namespace of its own) and adds the loss of a whole node.
 
 Writes to the workdir: summary.json ({"runs": [{"mode", "fault", "requests", "completed",
 "service_stall_s", "max_request_stall_s", "recomputed_tokens", "throughput_tok_s",
@@ -45,7 +47,13 @@ _CONFIG, _WORKDIR, _CACHE = launch_config.define_flags("configs/failover_tiny.py
 _BIN_S = 0.25
 MODES = ("tarragon", "global_restart")
 FAULTS = ("none", "aw", "ew", "ew_hang")
-KINDS = {"aw": "AW kill", "ew": "EW kill", "ew_hang": "EW hang"}  # the failure rows
+KINDS = {"aw": "AW kill", "ew": "EW kill", "ew_hang": "EW hang",  # the failure rows
+         "node": "node loss"}  # (on a Ray cluster)
+
+
+def _faults(cd) -> tuple[str, ...]:
+  """The runs' faults: on a Ray cluster, also the loss of a whole node."""
+  return FAULTS + (("node",) if cd.runtime == "ray" else ())
 
 
 def _engine(cd, cfg, params, weights_dir, recovery: str, snapshots: bool, spawner,
@@ -76,7 +84,8 @@ def _run(cd, cfg, params, weights_dir, work, reference, mode: str, fault: str, w
          spawner) -> tuple[dict, list, np.ndarray]:
   """One real-time replay of `work` with `fault` (in `FAULTS`) under policy `mode`."""
   engine = _engine(cd, cfg, params, weights_dir, mode, mode == "tarragon", spawner)
-  spec = {"none": "", "aw": cd.aw_fault, "ew": cd.ew_fault, "ew_hang": cd.hang_fault}[fault]
+  spec = {"none": "", "aw": cd.aw_fault, "ew": cd.ew_fault, "ew_hang": cd.hang_fault,
+          "node": cd.node_fault}[fault]
   engine.arm_faults(parse_faults(f"{spec}@t={cd.fault_at_s}") if spec else ())
   compiles = compile_count()
   result = wl.replay(engine, work)
@@ -192,6 +201,7 @@ def _close(engines: dict):
 def main(argv):
   del argv
   cd = _CONFIG.value
+  launch_config.isolate_network(cd)  # (a local Ray cluster: this run in a namespace of its own)
   launch_config.enable_compile_cache(_CACHE.value)
   workdir = launch_config.make_workdir(_WORKDIR.value or cd.workdir)
   cfg = launch_config.model_config(cd)
@@ -219,7 +229,7 @@ def main(argv):
 def _runs(cd, cfg, params, weights_dir, work, workdir, spawner):
   """Every (mode, fault) run; the first (Tarragon, no fault) is the reference for the rest."""
   runs, series, reference = [], {}, None
-  plan = [(m, f) for f in FAULTS for m in MODES]
+  plan = [(m, f) for f in _faults(cd) for m in MODES]
   start = time.perf_counter()
   for k, (mode, fault) in enumerate(plan):
     print(f"[{k + 1}/{len(plan)}] {mode}, fault: {fault} "
@@ -258,7 +268,7 @@ def _report(runs: list[dict], throughput: list[dict], cd) -> dict:
   print("(restore: Tarragon's slowest per-request restore; for the baseline, the whole restart)")
   by = {(r["mode"], r["fault"]): r for r in runs}
   ratios = {}
-  for kind in KINDS:
+  for kind in [k for k in KINDS if ("tarragon", k) in by]:
     t, g = by["tarragon", kind], by["global_restart", kind]
     if not (t["held"] and g["held"]):
       ratios[kind] = None
@@ -304,7 +314,7 @@ def _report(runs: list[dict], throughput: list[dict], cd) -> dict:
   if "local_runtime" in tp:
     out["throughput_process_local"] = float(np.median(np.divide(tp["snapshots_on"],
                                                                 tp["local_runtime"])))
-    print(f"process runtime / local runtime throughput: {out['throughput_process_local']:.3f} "
+    print(f"{cd.runtime} runtime / local runtime throughput: {out['throughput_process_local']:.3f} "
           f"(local {med['local_runtime']:.0f} tok/s)")
     other = next(k for k in tp if k.endswith("_transport"))
     out["throughput_transports"] = float(np.median(np.divide(tp[other], tp["snapshots_on"])))
@@ -357,10 +367,11 @@ def _figures(workdir: str, runs: list[dict], series: dict, cd) -> list[str]:
 
   by = {(r["mode"], r["fault"]): r for r in runs}
   fig, ax = plt.subplots(figsize=(9, 4))
-  labels = [f"{name}\n{what}" for name in KINDS.values() for what in ("service", "request")]
+  kinds = [k for k in KINDS if ("tarragon", k) in by]
+  labels = [f"{KINDS[k]}\n{what}" for k in kinds for what in ("service", "request")]
   x = np.arange(len(labels))
   for i, mode in enumerate(MODES):
-    ys = [by[mode, kind][key] or 0.0 for kind in KINDS
+    ys = [by[mode, kind][key] or 0.0 for kind in kinds
           for key in ("service_stall_s", "max_request_stall_s")]
     ax.bar(x + (i - 0.5) * 0.4, np.maximum(np.asarray(ys) * 1e3, 1e-3), 0.4,
            label="Tarragon" if mode == "tarragon" else "global restart")

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -160,23 +161,28 @@ def save_line_plot(path: str, series: dict[str, tuple[list, list]], *, xlabel: s
   return path
 
 
-RUNTIMES = ("local", "process", "cluster")
+RUNTIMES = ("local", "process", "ray")
 
 
 def add_runtime_fields(c: ml_collections.ConfigDict, runtime: str = "local", slots: int = 8):
   """Adds the fields that choose where workers run (`make_runtime` reads them)."""
   # "local": every worker in this process on its own device cell; "process": every worker its
   # own OS process on this host (faults are SIGKILL / SIGSTOP; the baseline restarts every
-  # process); "cluster": worker processes on the hosts whose agents register at `listen`
-  # (`python -m tarragon_jax.launch --orchestrator=THIS_HOST:PORT --slots=N` on each host).
+  # process); "ray": worker processes as actors on the nodes of a Ray cluster (`ray_address`).
   c.runtime = runtime
   c.slots = slots  # process: worker processes on this host at once (one device each)
   c.platform = "cpu"  # process: the workers' JAX platform ("cuda": one GPU per process)
   c.devices = 0  # process: share this many local GPUs among the slots (0: one GPU per slot)
-  c.transport = "zmq"  # process, cluster: the data plane, "zmq" or "transfer" (jax pulls)
-  c.listen = "0.0.0.0:7000"  # cluster: where the registry listens (PORT and PORT+1)
-  c.hosts = 2  # cluster: how many host agents to wait for
-  c.weights_dir = ""  # cluster: an orbax checkpoint every host can read ("" = a scratch copy)
+  c.transport = "zmq"  # process, ray: the data plane, "zmq" or "transfer" (jax pulls)
+  c.weights_dir = ""  # ray: an orbax checkpoint every node can read ("" = a scratch copy)
+  # ray: the cluster's address ("auto": the one this host joined with `ray start`), or "local":
+  # a cluster of `ray_nodes` nodes of `slots` slots each, started for the run, in a network
+  # namespace of its own with only loopback up (the launcher re-runs itself under `unshare -n`:
+  # root); `ray_layout`: "pack" (slots node by node: AWs on the first node, as in the paper) or
+  # "spread" (dealt out over the nodes: every node holds AWs and EWs).
+  c.ray_address = "local"
+  c.ray_nodes = 2
+  c.ray_layout = "spread"
 
 
 def make_runtime(cd: ml_collections.ConfigDict, spawner, compile_cache: str):
@@ -192,8 +198,7 @@ def make_runtime(cd: ml_collections.ConfigDict, spawner, compile_cache: str):
 def make_spawner(cd: ml_collections.ConfigDict):
   """What starts worker processes for a launcher config: None for the local runtime. One
   spawner serves every engine of a run (`ProcessRuntime(spawner, cache)` each); close it at the
-  end (a cluster's agents exit then)."""
-  from tarragon_jax.runtime.cluster import AgentSpawner
+  end (a Ray cluster it started shuts down then)."""
   from tarragon_jax.runtime.spawner import LocalSpawner
 
   if cd.runtime not in RUNTIMES:
@@ -202,7 +207,36 @@ def make_spawner(cd: ml_collections.ConfigDict):
     return None
   if cd.runtime == "process":
     return LocalSpawner(cd.slots, cd.platform, devices=cd.devices)
-  return AgentSpawner(cd.listen, cd.hosts)
+  from tarragon_jax.runtime.ray_spawner import RaySpawner  # (Ray only where it is asked for)
+
+  if cd.ray_address == "local":
+    return RaySpawner.local_cluster(cd.ray_nodes, cd.slots, cd.ray_layout)
+  return RaySpawner(cd.ray_address, cd.platform, cd.ray_layout)
+
+
+_NETNS = "TARRAGON_JAX_LOOPBACK_NETNS"
+
+
+def isolate_network(cd: ml_collections.ConfigDict):
+  """For a local Ray cluster (runtime "ray", ray_address "local"): re-runs this launcher, same
+  arguments, in a network namespace of its own with only loopback up (Ray registers its nodes
+  under the host's address otherwise); returns at once for anything else, and in the re-run.
+
+  Raises:
+    RuntimeError: the namespace cannot be made (`unshare -n` needs root).
+  """
+  if cd.runtime != "ray" or cd.ray_address != "local" or os.environ.get(_NETNS):
+    return
+  if shutil.which("unshare") is None or subprocess.run(
+      ["unshare", "-n", "true"], capture_output=True).returncode != 0:
+    raise RuntimeError("runtime=ray with ray_address=local starts a Ray cluster in a network "
+                       "namespace of its own (`unshare -n`, as root), which is not possible "
+                       "here: run as root, or start a cluster with `ray start` and pass "
+                       "--config.ray_address=auto")
+  sys.stdout.flush()
+  command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.orig_argv[1:]])
+  os.execvpe("unshare", ["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {command}"],
+             dict(os.environ, **{_NETNS: "1"}))
 
 
 # A CPU burner: it stops by itself when its parent is gone or after `argv[1]` seconds, so that a

@@ -20,6 +20,7 @@ PYPI = {  # import name -> PyPI distribution
     "safetensors": "safetensors", "matplotlib": "matplotlib", "torch": "torch",
     "transformers": "transformers", "pytest": "pytest", "zmq": "pyzmq", "psutil": "psutil",
     "tensorstore": "tensorstore", "hypothesis": "hypothesis", "ml_dtypes": "ml_dtypes",
+    "ray": "ray",
 }
 LOCAL_TOPS = {"tarragon_jax", "experiments", "configs", "tests", "conftest", "hf_models",
               "test_serve_launcher", "test_process_runtime"}

@@ -63,7 +63,8 @@ def test_bad_fault_spec_names_fault_key_and_value(spec, message):
 
 
 @pytest.mark.parametrize("fields,message", [
-    (dict(worker=0, step=1), r"worker=0; use 'aw<i>', 'ew<i>' or 'store'"),
+    (dict(worker=0, step=1), r"worker=0; use 'aw<i>', 'ew<i>', 'store' or 'node<i>'"),
+    (dict(worker="node1", kind="hang", step=1), r"a node can only be killed, not 'hang'"),
     (dict(worker="ew0", step="3"), r"step='3' must be an int >= 0"),
     (dict(worker="ew0", step=1, layer=1.0), r"layer=1\.0 must be an int >= 0"),
     (dict(worker="ew0", step=1, lost_device=True), r"lost_device=True must be an int >= -1"),
@@ -89,6 +90,7 @@ CLUSTER = dict(num_aw=3, num_ew=4, num_layers=2, aw_cell_size=1, ew_cell_size=2)
      r"lost_device=2 but an EW's cell has 2 devices \(lost_device= is 0\.\.1, or -1 for none\)"),
     ("kill:aw0@step=1,lost_device=1", r"lost_device=1 but an AW's cell has 1 device "
                                       r"\(lost_device= is 0\.\.0"),
+    ("kill:node0@step=1", r"no node0; the runtime has no nodes \(node faults need runtime='ray'"),
 ])
 def test_schedule_naming_what_the_engine_lacks_is_refused(spec, message):
   with pytest.raises(ValueError, match=message):
@@ -100,6 +102,10 @@ def test_schedule_within_the_engine_is_accepted():
       "kill:aw2@step=1,layer=1; kill:ew3@step=1,lost_device=1; hang:ew0@t=1,lost_device=-1;"
       "kill:aw0@when=recovery; restart:store@step=2")
   assert faults.check_schedule(schedule, **CLUSTER) is None
+  nodes = faults.parse_faults("kill:node1@step=1")
+  assert faults.check_schedule(nodes, **CLUSTER, num_nodes=2) is None
+  with pytest.raises(ValueError, match=r"no node2; the runtime has 2 nodes \(node0\.\.node1\)"):
+    faults.check_schedule(faults.parse_faults("kill:node2@t=1"), **CLUSTER, num_nodes=2)
 
 
 # -- sampling ---------------------------------------------------------------------------------

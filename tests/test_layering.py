@@ -16,7 +16,7 @@ LAYERS = [
     ("worker", ["tarragon_jax.worker"]),
     ("resilience", ["tarragon_jax.resilience"]),
     ("runtime", ["tarragon_jax.runtime"]),
-    ("serving", ["tarragon_jax.serving", "tarragon_jax.launch"]),
+    ("serving", ["tarragon_jax.serving"]),
     ("experiments", ["experiments", "configs", "scripts"]),
 ]
 # The package's public API re-exports the ground (model code) only.

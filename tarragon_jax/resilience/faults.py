@@ -1,6 +1,7 @@
 """Fault injection: which worker fails, how, and when.
 
-A `Fault` names a worker ("aw1", "ew0", "store"), a kind (`kill`: fail-stop, its arrays are
+A `Fault` names a worker ("aw1", "ew0", "store") or a node of a Ray cluster ("node1": every
+worker on it at once, and its spare devices with them), a kind (`kill`: fail-stop, its arrays are
 deleted; `hang`: it goes silent; `restart`: a failed store comes back) and a trigger: an engine
 iteration and layer, a time since the engine started, and/or a condition (`flush`: while the
 snapshot store has a durable flush in flight; `recovery`: while another recovery is still in
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterable
 
 KINDS = ("kill", "hang", "restart")
 CONDITIONS = ("flush", "recovery")
-_WORKER = re.compile(r"^(aw|ew)\d+$|^store$")
+_WORKER = re.compile(r"^(aw|ew|node)\d+$|^store$")
 # parse_faults' keys: key -> (Fault field, converter, what a valid value is)
 _KEYS = {
     "step": ("step", int, "an int iteration >= 0"),
@@ -33,7 +34,7 @@ _KEYS = {
 
 @dataclasses.dataclass(frozen=True)
 class Fault:
-  worker: str  # "aw<i>", "ew<i>" or "store"
+  worker: str  # "aw<i>", "ew<i>", "store" or "node<i>"
   kind: str = "kill"
   step: int | None = None  # engine iteration (0-based) at or after which it fires
   layer: int = 0  # layer boundary within that iteration
@@ -43,9 +44,12 @@ class Fault:
 
   def __post_init__(self):
     if not isinstance(self.worker, str) or not _WORKER.match(self.worker):
-      raise ValueError(f"Fault: worker={self.worker!r}; use 'aw<i>', 'ew<i>' or 'store'")
+      raise ValueError(f"Fault: worker={self.worker!r}; use 'aw<i>', 'ew<i>', 'store' or "
+                       "'node<i>'")
     if self.kind not in KINDS:
       raise ValueError(f"Fault: kind={self.kind!r}; use one of {KINDS}")
+    if self.worker.startswith("node") and self.kind != "kill":
+      raise ValueError(f"Fault: a node can only be killed, not {self.kind!r}")
     if self.kind == "restart" and self.worker != "store":
       raise ValueError(f"Fault: only the store can be restarted by a fault, not {self.worker}")
     if self.when is not None and self.when not in CONDITIONS:
@@ -125,7 +129,7 @@ def _count(n: int, noun: str) -> str:
 
 
 def check_schedule(faults: Iterable[Fault], *, num_aw: int, num_ew: int, num_layers: int,
-                   aw_cell_size: int, ew_cell_size: int) -> None:
+                   aw_cell_size: int, ew_cell_size: int, num_nodes: int = 0) -> None:
   """Refuses a schedule that names something the engine does not have.
 
   A `Fault` on its own cannot know the cluster's shape; this checks each fault against it, so
@@ -137,6 +141,7 @@ def check_schedule(faults: Iterable[Fault], *, num_aw: int, num_ew: int, num_lay
     num_aw, num_ew: how many attention / expert workers the engine has.
     num_layers: the model's layers (a fault's `layer` is a boundary in [0, num_layers)).
     aw_cell_size, ew_cell_size: devices in each AW's / EW's cell (`lost_device` indexes them).
+    num_nodes: the nodes of the runtime's cluster (0: it has none to lose).
   Raises:
     ValueError: naming the first bad fault, its bad field, and what the engine has.
   """
@@ -144,6 +149,12 @@ def check_schedule(faults: Iterable[Fault], *, num_aw: int, num_ew: int, num_lay
   cells = {"aw": aw_cell_size, "ew": ew_cell_size}
   for fault in faults:
     if fault.worker == "store":
+      continue
+    if fault.worker.startswith("node"):
+      if int(fault.worker[4:]) >= num_nodes:
+        raise ValueError(f"fault {fault.spec!r}: no {fault.worker}; the runtime has "
+                         + (f"{_count(num_nodes, 'node')} (node0..node{num_nodes - 1})"
+                            if num_nodes else "no nodes (node faults need runtime='ray')"))
       continue
     kind, index = fault.worker[:2], int(fault.worker[2:])
     n = counts[kind]

@@ -275,6 +275,9 @@ class Recovery:
     if fault.kind == "restart":
       self.restart_store()
       return
+    if fault.worker.startswith("node"):
+      self._lose_node(int(fault.worker[4:]))
+      return
     w = self.worker(fault.worker)
     if w is None or w.health is Health.DEAD:
       e.timeline.add("fault_ignored", worker=fault.worker, why="not running")
@@ -289,6 +292,18 @@ class Recovery:
                          f"has {cell.size} devices")
       self._pending_loss[w.name] = fault.lost_device
     w.kill()
+
+  def _lose_node(self, index: int):
+    """A whole node fails: every worker on it is killed at once (each then found and recovered
+    as any other death), and its spare devices are lost with it."""
+    state, slots = self.state, set(self.e.runtime.nodes()[index])
+    for w in [*state.aws, *state.ews]:
+      cell = getattr(w, "cell", None)
+      if cell is not None and w.health is not Health.DEAD and slots & set(cell.devices):
+        self._pending_loss[w.name] = next(i for i, d in enumerate(cell.devices) if d in slots)
+        w.kill()
+    state.lost_devices += [d for d in state.spares if d in slots]
+    state.spares[:] = [d for d in state.spares if d not in slots]
 
   def fence(self, worker: FaultDomain):
     """Makes a failure final: arrays deleted, devices (but a lost one) back to the spare pool."""

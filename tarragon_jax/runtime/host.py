@@ -156,21 +156,30 @@ def serve(endpoint: Endpoint, host: str = "127.0.0.1"):
     endpoint.reply(request, reply)
 
 
-def main(argv: list[str]):
-  cache = next((a.split("=", 1)[1] for a in argv if a.startswith("--compile_cache=")),
-               compile_cache.DEFAULT_COMPILE_CACHE)
-  compile_cache.enable_compile_cache(cache)
-  host = next((a.split("=", 1)[1] for a in argv if a.startswith("--host=")), "127.0.0.1")
-  endpoint = Endpoint(host)
-  parent = os.getppid()
-  threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-  print(f"READY {endpoint.address} {endpoint.probe_address}", flush=True)
+def bind(compile_cache_dir: str, host: str = "127.0.0.1") -> Endpoint:
+  """This process as a worker: its compile cache on, its endpoint bound on `host`."""
+  compile_cache.enable_compile_cache(compile_cache_dir)
+  return Endpoint(host)
+
+
+def serve_until_exit(endpoint: Endpoint, host: str = "127.0.0.1"):
+  """Serves until told to exit, then ends the process without the interpreter's shutdown: a
+  pull the data plane abandoned (`TransferPlane`) would wake in it and abort the process."""
   serve(endpoint, host)
-  # Without the interpreter's shutdown: a pull the data plane abandoned (`TransferPlane`) would
-  # wake in it and abort the process.
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(0)
+
+
+def main(argv: list[str]):
+  cache = next((a.split("=", 1)[1] for a in argv if a.startswith("--compile_cache=")),
+               compile_cache.DEFAULT_COMPILE_CACHE)
+  host = next((a.split("=", 1)[1] for a in argv if a.startswith("--host=")), "127.0.0.1")
+  endpoint = bind(cache, host)
+  parent = os.getppid()
+  threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+  print(f"READY {endpoint.address} {endpoint.probe_address}", flush=True)
+  serve_until_exit(endpoint, host)
 
 
 def _exit_with_parent(parent: int):

@@ -18,6 +18,10 @@ class LocalRuntime:
   def devices(self) -> list:
     return list(jax.devices())
 
+  def nodes(self) -> list[list]:
+    """The devices of each node that can fail as a whole: none here (one process)."""
+    return []
+
   def carve(self, plan, devices):
     return carve(plan, devices)
 

@@ -1,8 +1,8 @@
 """The process runtime: every AW and EW its own OS process, driven through proxies.
 
 `ProcessRuntime` gives the engine cells that are process slots, starts a
-`tarragon_jax.runtime.host` process per worker (through a spawner: on this host, or on other
-hosts through their agents) and hands back a `RemoteWorker` proxy with the worker's interface;
+`tarragon_jax.runtime.host` process per worker (through a spawner: on this host, or as Ray
+actors on a cluster's nodes) and hands back a `RemoteWorker` proxy with the worker's interface;
 the snapshot store is a process too (`RemoteStore`). A proxy call sends a request and returns a
 `Pending` reply; the engine waits for it inside the exchange, with the same detector as in the
 local runtime (a late reply is silence; the peer's probe thread answers or not). Activations
@@ -169,10 +169,11 @@ TRANSPORTS = ("zmq", "transfer")
 
 
 class ProcessRuntime:
-  """Workers as processes, one device each: on this host (`LocalSpawner`, default) or on the
-  hosts of registered agents (`AgentSpawner`). The snapshot store is a process on this host,
-  with a standby process started ahead so that a new store is ready at once. Closing the
-  runtime stops its processes; the spawner belongs to the caller (it may serve several).
+  """Workers as processes, one device each: on this host (`LocalSpawner`, default) or as
+  actors on the nodes of a Ray cluster (`ray_spawner.RaySpawner`). The snapshot store is a
+  process on this host, with a standby process started ahead so that a new store is ready at
+  once. Closing the runtime stops its processes; the spawner belongs to the caller (it may
+  serve several).
 
   Every wait is bounded by the engine's `ResilienceConfig` (learned in `start_workers`, or
   given to `new_store`) and ends at once when the process waited on is gone.
@@ -202,6 +203,11 @@ class ProcessRuntime:
 
   def devices(self) -> list:
     return list(self.spawner.slots)
+
+  def nodes(self) -> list[list]:
+    """The slots of each node that can fail as a whole (a `RaySpawner`'s nodes; none on one
+    host)."""
+    return self.spawner.nodes() if hasattr(self.spawner, "nodes") else []
 
   def data_plane(self) -> ZmqPlane:
     """The control plane's own link to the workers' data planes (it sends no arrays)."""

@@ -1,4 +1,4 @@
-"""Starting worker processes: on this host, or on other hosts through their agents.
+"""Starting worker processes: on this host, or as Ray actors on a cluster's nodes.
 
 A spawner turns a slot (one device) into a running `tarragon_jax.runtime.host` process and
 hands back a child handle: `ready()` waits for the process to bind its endpoint and returns its
@@ -8,9 +8,8 @@ fencing reach it (SIGKILL, SIGSTOP). Spawning and waiting are separate so that m
 start side by side.
 
 - `LocalSpawner`: every process on this host, as a child of this process.
-- `AgentSpawner` (`cluster.py`): processes on the hosts whose agents registered
-  (`tarragon_jax.launch`); the agent is the parent of its host's workers and delivers their
-  signals.
+- `RaySpawner` (`ray_spawner.py`): actors on the nodes of a Ray cluster; signals go to the
+  actor's process.
 
 On a GPU host a slot is one GPU: the process sees only it (`CUDA_VISIBLE_DEVICES`); on CPU a
 slot is one process with one CPU device.
@@ -62,6 +61,41 @@ def describe_exit(code: int) -> str:
   return f"its process exited with code {code}"
 
 
+class ProcessStat:
+  """Whether a process of this host is exiting, read from its /proc/<pid>/stat (kept open, so
+  that a reused pid is never read as this process)."""
+
+  def __init__(self, pid: int | None):
+    self._fd = -1
+    if pid is not None:
+      try:
+        self._fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+      except OSError:
+        pass
+
+  def exiting(self) -> str | None:
+    """How the process is ending, once the kernel has marked it as exiting (Linux; None
+    elsewhere, and while it runs)."""
+    if self._fd < 0:
+      return None
+    try:
+      stat = os.pread(self._fd, 1024, 0)
+    except OSError:  # (it has been reaped meanwhile)
+      return None
+    fields = stat[stat.rindex(b")") + 2:].split()  # from the 3rd field on, after "(comm)"
+    if not int(fields[6]) & _PF_EXITING:  # the 9th: flags
+      return None
+    status = int(fields[49]) if len(fields) > 49 else 0  # the 52nd: waitpid's status
+    if status & 0x7F:
+      return describe_exit(-(status & 0x7F)) + " (it is exiting)"
+    return "its process is exiting"
+
+  def close(self):
+    if self._fd >= 0:
+      os.close(self._fd)
+    self._fd = -1
+
+
 class Child:
   """A worker process started by this process.
 
@@ -79,7 +113,7 @@ class Child:
     self._deadline = time.perf_counter() + start.seconds
     self._out = b""  # stdout read so far, until the READY line
     self._addresses: tuple[str, str] | None = None
-    self._stat: int | None = None  # an open /proc/<pid>/stat (-1: none), for `gone`
+    self._stat: ProcessStat | None = None  # for `gone`, once asked
 
   def ready(self) -> tuple[str, str]:
     """Waits for the process to bind; its (request address, probe address).
@@ -150,31 +184,14 @@ class Child:
     return self._exiting()
 
   def _exiting(self) -> str | None:
-    """How the process is ending, once the kernel has marked it as exiting (Linux; None
-    elsewhere, and while it runs)."""
     if self._stat is None:
-      try:
-        self._stat = os.open(f"/proc/{self.pid}/stat", os.O_RDONLY)
-      except OSError:
-        self._stat = -1
-    if self._stat < 0:
-      return None
-    try:
-      stat = os.pread(self._stat, 1024, 0)
-    except OSError:  # (it has been reaped meanwhile)
-      return None
-    fields = stat[stat.rindex(b")") + 2:].split()  # from the 3rd field on, after "(comm)"
-    if not int(fields[6]) & _PF_EXITING:  # the 9th: flags
-      return None
-    status = int(fields[49]) if len(fields) > 49 else 0  # the 52nd: waitpid's status
-    if status & 0x7F:
-      return describe_exit(-(status & 0x7F)) + " (it is exiting)"
-    return "its process is exiting"
+      self._stat = ProcessStat(self.pid)
+    return self._stat.exiting()
 
   def _close_stat(self):
-    if self._stat is not None and self._stat >= 0:
-      os.close(self._stat)
-    self._stat = -1
+    if self._stat is not None:
+      self._stat.close()
+    self._stat = ProcessStat(None)
 
   def alive(self) -> bool:
     return self.proc.poll() is None

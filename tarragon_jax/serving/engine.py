@@ -107,7 +107,8 @@ class Engine(LayerExchange, Frontend):
     faults = tuple(faults)
     check_schedule(faults, num_aw=self.state.plan.num_aw, num_ew=self.state.plan.num_ew,
                    num_layers=self.cfg.num_layers, aw_cell_size=self.state.plan.devices_per_aw,
-                   ew_cell_size=self.state.plan.devices_per_ew)
+                   ew_cell_size=self.state.plan.devices_per_ew,
+                   num_nodes=len(self.runtime.nodes()))
     self.injector = FaultInjector(faults)
     self.t0 = time.perf_counter()
     self._fault_step0 = self.iteration
