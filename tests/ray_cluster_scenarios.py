@@ -36,7 +36,8 @@ def _serve_through(spawner, faults: str) -> dict:
   return dict(faults=faults,
               declared=sorted(ev["worker"] for ev in engine.timeline.of("declared_failed")),
               workers_per_node=[sum(w.cell.devices[0] in n for w in engine.runtime.workers)
-                                for n in nodes])
+                                for n in nodes],
+              stores=[type(s.child).__name__ for s in engine.runtime.stores])
 
 
 def _ray_notice_agrees(spawner) -> dict:

@@ -33,7 +33,8 @@ def ray_runs():
     pytest.skip("needs `unshare -n` (root) to keep the Ray cluster on loopback")
   pytest.importorskip("ray")
   cmd = (f"ip link set lo up && exec {sys.executable} {SCENARIOS} "
-         "'kill:ew1@step=4,layer=1; kill:aw1@step=7' 'kill:node0@step=5,layer=1'")
+         "'kill:ew1@step=4,layer=1; kill:aw1@step=7; kill:store@step=9' "
+         "'kill:node0@step=5,layer=1'")
   out = subprocess.run(["unshare", "-n", "sh", "-c", cmd], capture_output=True, text=True,
                        timeout=BOUND_S, cwd=ROOT,
                        env=dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -46,16 +47,18 @@ def test_slots_are_numbered_node_by_node(ray_runs):
   assert ray_runs[0] == {"nodes": [[0, 1, 2], [3, 4, 5]]}
 
 
-def test_an_ew_kill_and_an_aw_kill_on_ray_actors_give_the_fault_free_tokens(ray_runs):
+def test_ew_aw_and_store_kills_on_ray_actors_give_the_fault_free_tokens(ray_runs):
   run = ray_runs[1]  # (its tokens and streams were checked in the cluster's process)
-  assert run["declared"] == ["aw1", "ew1"]
+  assert run["declared"] == ["aw1", "ew1", "store"]
   assert run["workers_per_node"] == [3, 3]  # the replacements took node 1's spare slots
+  assert run["stores"] == ["RayChild", "RayChild"]  # the standby actor took over
 
 
 def test_losing_a_whole_node_loses_its_workers_at_once_and_the_other_node_serves_on(ray_runs):
   run = ray_runs[2]  # node 0 held aw0, aw1 and ew0: replaced on node 1, ew0 by its shadows
   assert run["declared"] == ["aw0", "aw1", "ew0"]
   assert run["workers_per_node"] == [3, 3]
+  assert run["stores"] == ["RayChild"]  # (on the control plane's node: never lost with a node)
 
 
 def test_rays_own_death_notice_agrees(ray_runs):

@@ -4,7 +4,8 @@ Ray places, starts and watches the processes; everything per step stays ours. An
 worker process (`tarragon_jax.runtime.host`, the same code as every other runtime's): its
 serve loop runs in a thread of the actor's process, bound on the node's address, and the
 control plane talks to it over its own endpoint and probes, peers over the data plane, never
-through Ray calls. What Ray adds is the lifecycle: placement on a node's resources, the
+through Ray calls. The snapshot store and its standby are actors too, on the node of this
+(the control plane's) process. What Ray adds is the lifecycle: placement on a node's resources, the
 process itself, and a second, slower notice of its death (the actor's `watch` call fails).
 
 A slot is one device of one node: on GPU nodes a GPU (`num_gpus=1`, Ray sets the process's
@@ -37,7 +38,10 @@ from ray.util.placement_group import (
   placement_group_table,
   remove_placement_group,
 )
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import (
+  NodeAffinitySchedulingStrategy,
+  PlacementGroupSchedulingStrategy,
+)
 
 from tarragon_jax.runtime.channel import Bound
 from tarragon_jax.runtime.spawner import ProcessStat, SpawnError, worker_env
@@ -84,20 +88,15 @@ class WorkerActor:
 
 
 class RayChild:
-  """A worker process that is a Ray actor on one node (see the module docstring)."""
+  """A worker process that is a Ray actor (see the module docstring), started with `options`
+  (`WorkerActor.options`: where it goes, what it holds); `where` names it in errors."""
 
-  def __init__(self, group, slot: int, node: dict, compile_cache: str, platform: str,
+  def __init__(self, options: dict, where: str, compile_cache: str, platform: str,
                start: Bound):
-    self.where = f"slot {slot} on node {node['NodeID'][:8]} ({node['NodeManagerAddress']})"
-    self.node_id, self.start = node["NodeID"], start
-    gpu = platform != "cpu"
+    self.where, self.start = where, start
     env = {k: v for k, v in worker_env(platform, None).items()
            if k.startswith(("JAX_", "XLA_"))}
-    self.actor = WorkerActor.options(
-        scheduling_strategy=PlacementGroupSchedulingStrategy(
-            group, placement_group_bundle_index=slot),
-        num_gpus=1 if gpu else 0, resources={} if gpu else {SLOT_RESOURCE: CPU_SLOT_SHARE},
-        runtime_env={"env_vars": env}).remote()
+    self.actor = WorkerActor.options(**options, runtime_env={"env_vars": env}).remote()
     self._started = self.actor.start.remote(compile_cache)
     self._watch = self.actor.watch.remote()
     self.pid: int | None = None
@@ -203,11 +202,20 @@ class RaySpawner:
     return [[s for s, n in enumerate(self._node) if n["NodeID"] == i] for i in ids]
 
   def spawn(self, slot: int | None, compile_cache: str, start: Bound) -> RayChild:
-    """An actor on `slot`'s node and device, which must start within `start`."""
-    if slot is None:
-      raise ValueError("Ray actors are started for device slots; deviceless processes (the "
-                       "snapshot store) run on the driver's host")
-    return RayChild(self.group, slot, self._node[slot], compile_cache, self.platform, start)
+    """An actor on `slot`'s node and device (None: a deviceless process, the snapshot store,
+    on this node), which must start within `start`."""
+    if slot is None:  # the snapshot store: beside the control plane, as on one host
+      here = ray.get_runtime_context().get_node_id()
+      return RayChild(dict(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)),
+                      f"a deviceless actor on this node ({here[:8]})", compile_cache, "cpu",
+                      start)
+    node, gpu = self._node[slot], self.platform != "cpu"
+    options = dict(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                       self.group, placement_group_bundle_index=slot),
+                   num_gpus=1 if gpu else 0,
+                   resources={} if gpu else {SLOT_RESOURCE: CPU_SLOT_SHARE})
+    return RayChild(options, f"slot {slot} on node {node['NodeID'][:8]} "
+                    f"({node['NodeManagerAddress']})", compile_cache, self.platform, start)
 
   @classmethod
   def local_cluster(cls, nodes: int, slots_per_node: int, layout: str = "pack") -> RaySpawner:

@@ -171,9 +171,9 @@ TRANSPORTS = ("zmq", "transfer")
 class ProcessRuntime:
   """Workers as processes, one device each: on this host (`LocalSpawner`, default) or as
   actors on the nodes of a Ray cluster (`ray_spawner.RaySpawner`). The snapshot store is a
-  process on this host, with a standby process started ahead so that a new store is ready at
-  once. Closing the runtime stops its processes; the spawner belongs to the caller (it may
-  serve several).
+  process on this host (on Ray: an actor on this node), with a standby process started ahead so
+  that a new store is ready at once. Closing the runtime stops its processes; the spawner
+  belongs to the caller (it may serve several).
 
   Every wait is bounded by the engine's `ResilienceConfig` (learned in `start_workers`, or
   given to `new_store`) and ends at once when the process waited on is gone.
@@ -196,7 +196,6 @@ class ProcessRuntime:
     self.transport = transport
     self.workers: list[RemoteWorker] = []
     self.resilience = None  # the engine's ResilienceConfig, once it has started workers
-    self._store_spawner = LocalSpawner(0)
     self._standby_store = None
     self.stores: list[RemoteStore] = []
     self._planes: list[ZmqPlane] = []
@@ -297,7 +296,7 @@ class ProcessRuntime:
     errors = []
     for which, child in tries:
       try:
-        child = child or self._store_spawner.spawn(None, self.compile_cache, start)
+        child = child or self.spawner.spawn(None, self.compile_cache, start)
         store = RemoteStore(child, cfg, directory, options, detection)
         break
       except (SpawnError, OSError) as err:
@@ -308,7 +307,7 @@ class ProcessRuntime:
       raise SpawnError(f"no snapshot store process could be started ({'; '.join(errors)})")
     self.stores.append(store)
     try:
-      self._standby_store = self._store_spawner.spawn(None, self.compile_cache, start)
+      self._standby_store = self.spawner.spawn(None, self.compile_cache, start)
     except OSError:  # no standby: the next store starts from scratch (or fails then)
       self._standby_store = None
     return store

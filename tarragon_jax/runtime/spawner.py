@@ -233,7 +233,9 @@ class LocalSpawner:
   def spawn(self, slot: int | None, compile_cache: str, start: Bound) -> Child:
     """A process for `slot` (None: a process without a device of its own, e.g. the store),
     which must say READY within `start`."""
-    if slot is not None and self.devices:
+    if slot is None:  # (the store: host arrays only, so no accelerator of its own)
+      return Child(compile_cache, self.host, "cpu", None, start)
+    if self.devices:
       return Child(compile_cache, self.host, self.platform, slot % self.devices, start,
                    shared=len(self.slots) > self.devices)
     return Child(compile_cache, self.host, self.platform, slot, start)
