@@ -59,7 +59,8 @@ def _check_each_request(engine: Engine, ids: list[int]):
 
 
 class _KillAfterReady(LocalSpawner):
-  """Starts `healthy` processes as asked; SIGKILLs every later one as soon as it says READY."""
+  """Starts `healthy` worker processes as asked; SIGKILLs every later one as soon as it says
+  READY (the store's processes, which have no slot, are left alone)."""
 
   def __init__(self, slots: int, healthy: int):
     super().__init__(slots)
@@ -67,6 +68,8 @@ class _KillAfterReady(LocalSpawner):
 
   def spawn(self, slot, compile_cache, start):
     child = super().spawn(slot, compile_cache, start)
+    if slot is None:
+      return child
     self.healthy -= 1
     if self.healthy < 0:
       said_ready = child.ready
