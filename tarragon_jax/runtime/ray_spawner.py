@@ -146,7 +146,7 @@ class RayChild:
 
   def signal(self, sig: int):
     """Sends `sig` to the actor's process and returns at once."""
-    if self.pid is None:
+    if self.pid is None or self.gone() is not None:  # (a gone process's pid may be reused)
       return
     if self._stat is not None:
       try:
