@@ -30,7 +30,8 @@ BOUND_S = 120.0  # a bound on a hung test, far above what anything here takes
 
 
 def _serve_through(spawner, faults: str) -> dict:
-  engine = _serve(ProcessRuntime(spawner), faults)
+  # A bound on a hung start, not a measure: under CI load an actor (Ray, then JAX) took > 60 s.
+  engine = _serve(ProcessRuntime(spawner), faults, start_timeout_s=BOUND_S)
   _check(engine)  # tokens identical to the local runtime's fault-free run, each index once
   nodes = spawner.nodes()
   return dict(faults=faults,
