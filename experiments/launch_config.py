@@ -171,7 +171,7 @@ def add_runtime_fields(c: ml_collections.ConfigDict, runtime: str = "local", slo
   # process); "ray": worker processes as actors on the nodes of a Ray cluster (`ray_address`).
   c.runtime = runtime
   c.slots = slots  # process: worker processes on this host at once (one device each)
-  c.platform = "cpu"  # process: the workers' JAX platform ("cuda": one GPU per process)
+  c.platform = "cpu"  # process: the workers' JAX platform ("cuda", "tpu": one device each)
   c.devices = 0  # process: share this many local GPUs among the slots (0: one GPU per slot)
   c.transport = "zmq"  # process, ray: the data plane, "zmq" or "transfer" (jax pulls)
   c.weights_dir = ""  # ray: an orbax checkpoint every node can read ("" = a scratch copy)

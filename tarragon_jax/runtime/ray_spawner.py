@@ -8,14 +8,15 @@ through Ray calls. The snapshot store and its standby are actors too, on the nod
 (the control plane's) process. What Ray adds is the lifecycle: placement on a node's resources, the
 process itself, and a second, slower notice of its death (the actor's `watch` call fails).
 
-A slot is one device of one node: on GPU nodes a GPU (`num_gpus=1`, Ray sets the process's
-visible device), on CPU nodes one unit of the custom resource `SLOT_RESOURCE` (start a node
-with `ray start --resources='{"tarragon_slot": 8}'`). The spawner reserves every slot of the
-cluster in one placement group, one bundle per slot, and slot i is bundle i. The process runtime
-gives its AW cells the first slots and its EW cells the next, so the group's strategy is the
-layout: "pack" (`PACK`: bundles fill a node before the next, so AWs and EWs land on different
-nodes when a node offers `num_aw` slots, as in the paper) or "spread" (`SPREAD`: bundles dealt
-out over the nodes, so every node holds AWs and EWs and losing one leaves some of each). Nodes
+A slot is one device of one node: on GPU nodes a GPU (`num_gpus=1`, Ray sets the process's visible
+device), on TPU nodes a chip (the `TPU` resource; Ray sets the visible chip and the one-chip
+topology, the actor picks a libtpu port of its own), on CPU nodes one unit of the custom resource
+`SLOT_RESOURCE` (start a node with `ray start --resources='{"tarragon_slot": 8}'`). The spawner
+reserves every slot of the cluster in one placement group, one bundle per slot, and slot i is bundle
+i. The process runtime gives its AW cells the first slots and its EW cells the next, so the group's
+strategy is the layout: "pack" (`PACK`: bundles fill a node before the next, so AWs and EWs land on
+different nodes when a node offers `num_aw` slots, as in the paper) or "spread" (`SPREAD`: bundles
+dealt out over the nodes, so every node holds AWs and EWs and losing one leaves some of each). Nodes
 are numbered in the order their first slot comes (`kill:node1` takes the second).
 
 Faults stay real: `signal` is a real signal to the actor's process, delivered by this
@@ -44,9 +45,10 @@ from ray.util.scheduling_strategies import (
 )
 
 from tarragon_jax.runtime.channel import Bound
-from tarragon_jax.runtime.spawner import ProcessStat, SpawnError, worker_env
+from tarragon_jax.runtime.spawner import ProcessStat, SpawnError, tpu_chip_env, worker_env
 
 SLOT_RESOURCE = "tarragon_slot"  # a CPU node's worker slots
+RESOURCE = {"cpu": SLOT_RESOURCE, "tpu": "TPU"}  # platform -> the resource of a slot; else GPU
 # What a worker on a CPU slot asks of it. A CPU slot is a logical device (the process runtime's
 # CPU slots are the same): engines side by side, e.g. a benchmark's variants, share it as
 # processes share a host's cores. Its bundle places the actor; the resource only marks slots.
@@ -64,6 +66,9 @@ class WorkerActor:
   def start(self, compile_cache: str) -> tuple[int, str, str, str]:
     """Binds the worker's endpoint on this node's address and serves it in a thread; returns
     (pid, hostname, address, probe address)."""
+    chips = os.environ.get("TPU_VISIBLE_CHIPS", "")
+    if chips.isdigit():  # Ray gave this TPU actor one chip: it needs a libtpu port of its own
+      os.environ.update(tpu_chip_env(chips))
     from tarragon_jax.runtime import host as worker_host  # (imports JAX: in the actor only)
 
     # Ray starts its workers at niceness 15 (`RAY_worker_niceness`), behind the control plane
@@ -178,7 +183,7 @@ class RaySpawner:
       ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     self.platform, self.cluster = platform, cluster
     nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
-    key = SLOT_RESOURCE if platform == "cpu" else "GPU"
+    key = RESOURCE.get(platform, "GPU")
     count = sum(int(n["Resources"].get(key, 0)) for n in nodes.values())
     if not count:
       raise SpawnError(f"the Ray cluster offers no {key!r} resource on any of its "
@@ -209,11 +214,12 @@ class RaySpawner:
       return RayChild(dict(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)),
                       f"a deviceless actor on this node ({here[:8]})", compile_cache, "cpu",
                       start)
-    node, gpu = self._node[slot], self.platform != "cpu"
+    node, key = self._node[slot], RESOURCE.get(self.platform, "GPU")
     options = dict(scheduling_strategy=PlacementGroupSchedulingStrategy(
                        self.group, placement_group_bundle_index=slot),
-                   num_gpus=1 if gpu else 0,
-                   resources={} if gpu else {SLOT_RESOURCE: CPU_SLOT_SHARE})
+                   num_gpus=1 if key == "GPU" else 0,
+                   resources={SLOT_RESOURCE: CPU_SLOT_SHARE} if key == SLOT_RESOURCE
+                   else {"TPU": 1} if key == "TPU" else {})
     return RayChild(options, f"slot {slot} on node {node['NodeID'][:8]} "
                     f"({node['NodeManagerAddress']})", compile_cache, self.platform, start)
 

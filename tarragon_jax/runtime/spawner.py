@@ -11,8 +11,9 @@ start side by side.
 - `RaySpawner` (`ray_spawner.py`): actors on the nodes of a Ray cluster; signals go to the
   actor's process.
 
-On a GPU host a slot is one GPU: the process sees only it (`CUDA_VISIBLE_DEVICES`); on CPU a
-slot is one process with one CPU device.
+On an accelerator host a slot is one device, and the process sees only it: slot i is the i-th
+device this process may use (under `CUDA_VISIBLE_DEVICES=4,5,6,7`, slot 0 is GPU 4; on TPU, the
+i-th of `TPU_VISIBLE_CHIPS`). On CPU a slot is one process with one CPU device.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ import time
 from tarragon_jax.runtime.channel import Bound
 
 WORKER = (sys.executable, "-m", "tarragon_jax.runtime.host")
-PLATFORMS = ("cpu", "cuda", "gpu", "rocm")
+# The variable through which each platform's runtime is told which of the host's devices a
+# process may use. On TPU it names chips; a chip belongs to one process at a time.
+VISIBLE = {"cuda": "CUDA_VISIBLE_DEVICES", "gpu": "CUDA_VISIBLE_DEVICES",
+           "rocm": "HIP_VISIBLE_DEVICES", "tpu": "TPU_VISIBLE_CHIPS"}
+PLATFORMS = ("cpu", *VISIBLE)
+_TPU_PORT0 = 8476  # libtpu's mesh controller port; each single-chip process needs its own
 _SLICE_S = 0.05  # how often a wait for READY checks that the process still runs
 _REAP_S = 5.0  # the longest wait for a SIGKILLed (or closing) child to be reaped
 _PF_EXITING = 0x4  # linux/sched.h: the task is getting shut down
@@ -37,16 +43,59 @@ class SpawnError(RuntimeError):
   """A worker process did not start."""
 
 
-def worker_env(platform: str, device: int | None, shared: bool = False) -> dict:
-  """The environment of a worker process on `platform` that owns local `device` (or none);
-  `shared`: other processes use that device too (no up-front memory grab)."""
+def visible_devices(platform: str, environ=None) -> list[str] | None:
+  """The devices this process may use on `platform`, as its scheduler named them (e.g. ["4",
+  "5"] under CUDA_VISIBLE_DEVICES=4,5; GPU UUIDs stay as they are); None: every device."""
+  environ = os.environ if environ is None else environ
+  names = [VISIBLE[platform]] + (["TPU_VISIBLE_DEVICES"] if platform == "tpu" else [])
+  for name in names:
+    if environ.get(name) is not None:
+      return [d.strip() for d in environ[name].split(",") if d.strip()]
+  return None
+
+
+def tpu_chip_env(chip: str) -> dict:
+  """What a process that owns TPU chip `chip` alone needs: libtpu sees that chip only, as a
+  one-chip topology of one process (no process talks to another through libtpu: arrays travel
+  on our data plane), with a mesh controller port of its own."""
+  port = str(_TPU_PORT0 + int(chip))
+  return dict(TPU_VISIBLE_CHIPS=chip, TPU_VISIBLE_DEVICES=chip,
+              TPU_CHIPS_PER_PROCESS_BOUNDS="1,1,1", TPU_PROCESS_BOUNDS="1,1,1",
+              TPU_MESH_CONTROLLER_ADDRESS=f"localhost:{port}", TPU_MESH_CONTROLLER_PORT=port)
+
+
+def worker_env(platform: str, device: int | None, shared: bool = False,
+               environ=None) -> dict:
+  """The environment of a worker process on `platform` that owns the `device`-th device this
+  process may use (or none); `shared`: other processes use that device too (no up-front
+  memory grab). `environ`: this process's environment (default `os.environ`).
+
+  Raises:
+    ValueError: an unknown platform, a device this process may not use, or a shared TPU chip.
+  """
   if platform not in PLATFORMS:
     raise ValueError(f"platform={platform!r}; use one of {PLATFORMS}")
-  env = dict(os.environ, JAX_PLATFORMS=platform)
-  if device is not None and platform != "cpu":
-    env["CUDA_VISIBLE_DEVICES" if platform != "rocm" else "HIP_VISIBLE_DEVICES"] = str(device)
+  environ = os.environ if environ is None else environ
+  env = dict(environ, JAX_PLATFORMS=platform)
+  if device is None or platform == "cpu":
+    return env
+  visible = visible_devices(platform, environ)
+  if visible is None:
+    name = str(device)
+  elif device < len(visible):
+    name = visible[device]
+  else:
+    raise ValueError(f"device {device} of platform {platform!r}: this process may use only "
+                     f"{len(visible)} ({VISIBLE[platform]}={environ.get(VISIBLE[platform])!r}); "
+                     f"ask for at most {len(visible)} slots or devices")
+  env[VISIBLE[platform]] = name
+  if platform == "tpu":
     if shared:
-      env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+      raise ValueError("a TPU chip belongs to one process at a time: give the TPU platform one "
+                       "slot per chip (devices=0)")
+    env.update(tpu_chip_env(name))
+  elif shared:
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   return env
 
 
@@ -103,11 +152,11 @@ class Child:
   bound); `proc.poll()` is certain evidence of its death, so `gone` and every wait use it.
   """
 
-  def __init__(self, compile_cache: str, host: str, platform: str, device: int | None,
-               start: Bound, shared: bool = False):
+  def __init__(self, compile_cache: str, host: str, env: dict, start: Bound):
+    """`env`: the process's environment (`worker_env`)."""
     self.proc = subprocess.Popen(
         [*WORKER, f"--compile_cache={compile_cache}", f"--host={host}"],
-        stdout=subprocess.PIPE, text=True, env=worker_env(platform, device, shared))
+        stdout=subprocess.PIPE, text=True, env=env)
     self.pid = self.proc.pid
     self.start = start
     self._deadline = time.perf_counter() + start.seconds
@@ -223,22 +272,25 @@ class LocalSpawner:
 
   def __init__(self, slots: int = 8, platform: str = "cpu", host: str = "127.0.0.1",
                devices: int = 0):
-    worker_env(platform, None)  # validates
     if devices < 0:
       raise ValueError(f"devices={devices}: the number of local accelerators to share (> 0), "
                        f"or 0 for one per slot")
     self.platform, self.host, self.devices = platform, host, devices
     self.slots = list(range(slots))
+    for slot in self.slots:  # refuses now a device this process may not use, not mid-failover
+      self._env(slot)
+
+  def _env(self, slot: int) -> dict:
+    if self.devices:
+      return worker_env(self.platform, slot % self.devices, shared=len(self.slots) > self.devices)
+    return worker_env(self.platform, slot)
 
   def spawn(self, slot: int | None, compile_cache: str, start: Bound) -> Child:
     """A process for `slot` (None: a process without a device of its own, e.g. the store),
     which must say READY within `start`."""
-    if slot is None:  # (the store: host arrays only, so no accelerator of its own)
-      return Child(compile_cache, self.host, "cpu", None, start)
-    if self.devices:
-      return Child(compile_cache, self.host, self.platform, slot % self.devices, start,
-                   shared=len(self.slots) > self.devices)
-    return Child(compile_cache, self.host, self.platform, slot, start)
+    # (the store: host arrays only, so no accelerator of its own)
+    env = worker_env("cpu", None) if slot is None else self._env(slot)
+    return Child(compile_cache, self.host, env, start)
 
   def close(self):
     pass
