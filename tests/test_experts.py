@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import tarragon_jax as tj
+from tarragon_jax.layers.experts import ragged_groups
 from tarragon_jax.layers.params import ExpertParams
 from tests.hf_models import random_params
 
@@ -172,3 +173,24 @@ def test_grad_matches_loop_kernel(grads, kernel):
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(loop_g),
                           strict=True):
     assert float(jnp.max(jnp.abs(a - b))) <= GRAD_TOL, jax.tree_util.keystr(path)
+
+
+def test_ragged_kernel_leaves_padding_out_of_every_group(experts, monkeypatch):
+  """An EW's buffers are mostly padding: the ragged kernel multiplies real rows only."""
+  x, p = experts
+  ids = np.full(M, -1)
+  ids[[3, 7, 8, 20]] = [5, 0, 5, 2]  # 4 real rows among 24, padding before and after them
+  order, sizes = ragged_groups(jnp.asarray(ids), E)
+  assert np.asarray(sizes).tolist() == [1, 0, 1, 0, 0, 2, 0, 0]
+  assert np.asarray(order)[:4].tolist() == [7, 20, 3, 8]  # real rows first, by slot
+  seen = []
+  real_ragged_dot = jax.lax.ragged_dot
+
+  def spy(lhs, rhs, group_sizes, **kw):
+    seen.append(int(np.sum(group_sizes)))
+    return real_ragged_dot(lhs, rhs, group_sizes, **kw)
+
+  monkeypatch.setattr(jax.lax, "ragged_dot", spy)
+  out = tj.expert_ffn(x, jnp.asarray(ids), p, "ragged")  # eager: the spy sees concrete sizes
+  assert seen == [4, 4, 4]  # gate, up, down: 4 rows each, none of the 20 padding rows
+  np.testing.assert_allclose(out, _numpy_reference(x, ids, p), atol=TOL)

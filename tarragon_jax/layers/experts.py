@@ -2,7 +2,8 @@
 
 `expert_ffn` is the one entry point. It serves both the co-located MoE layer (slots = logical
 experts) and an expert worker (slots = the experts it holds). Kernels:
-  * "ragged": sort by slot and `jax.lax.ragged_dot` (the GPU/TPU kernel);
+  * "ragged": sort by slot and `jax.lax.ragged_dot` (the GPU/TPU kernel); padding rows form
+    no group, so they cost no multiply;
   * "capacity": sort-and-pad into [E, C, D] buffers and a batched einsum (fast on CPU); when a
     slot overflows its capacity, a second, always-sufficient branch runs instead, so no token is
     ever dropped;
@@ -65,17 +66,26 @@ def _loop(x, slot_ids, p: ExpertParams):
   return out
 
 
-def _ragged(x, slot_ids, p: ExpertParams):
-  num_slots = p.w_gate.shape[0]
-  valid = slot_ids >= 0
-  ids = jnp.where(valid, slot_ids, 0)  # padding computes in slot 0 and is masked out below
+def ragged_groups(slot_ids: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array]:
+  """(order, group_sizes) for `ragged_dot`: tokens sorted by slot, padding (-1) last and in no
+  group, so the sizes sum to the number of real tokens and padding is never multiplied. An
+  EW's buffers are sized for every AW's worst case while its expected load is about
+  rows / num_ew: most rows are padding."""
+  ids = jnp.where(slot_ids >= 0, slot_ids, num_slots)
   order = jnp.argsort(ids, stable=True)
+  sizes = jnp.bincount(ids, length=num_slots + 1)[:num_slots].astype(jnp.int32)
+  return order, sizes
+
+
+def _ragged(x, slot_ids, p: ExpertParams):
+  order, sizes = ragged_groups(slot_ids, p.w_gate.shape[0])
   xs = x[order]
-  sizes = jnp.bincount(ids, length=num_slots).astype(jnp.int32)
   h = jax.nn.silu(jax.lax.ragged_dot(xs, p.w_gate, sizes)) * jax.lax.ragged_dot(xs, p.w_up, sizes)
   ys = jax.lax.ragged_dot(h, p.w_down, sizes)
   out = jnp.zeros_like(x).at[order].set(ys)
-  return jnp.where(valid[:, None], out, 0)
+  # Rows past the last group are zeros in ragged_dot's definition; masking does not rely on a
+  # backend keeping to it.
+  return jnp.where((slot_ids >= 0)[:, None], out, 0)
 
 
 def _capacity(x, slot_ids, p: ExpertParams, capacity_factor: float):
