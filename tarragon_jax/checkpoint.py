@@ -3,7 +3,7 @@
 A checkpoint directory is an orbax `CheckpointManager` directory: each step holds the params
 (`StandardSave`), the ModelConfig as JSON and a metadata JSON with the weights' fingerprint, so
 `load_checkpoint` needs nothing but the path. The fingerprint (`weights_fingerprint`: a digest of
-the config and of every parameter's bytes) lets a loader check that a checkpoint holds the
+the config and of a sample of every parameter) lets a loader check that a checkpoint holds the
 weights it expects: another model's weights of the same shapes load without any error and serve
 wrong tokens, so a worker rebuilt from a checkpoint compares fingerprints first.
 """
@@ -21,13 +21,40 @@ import orbax.checkpoint as ocp
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.params import ModelParams, abstract_params
 
+SAMPLES = 1 << 16  # elements of each weight that its fingerprint reads
+
+
+_ON_DEVICE = 1 << 24  # elements from which a weight is sampled where it lives
+
+
+def _sample(leaf) -> np.ndarray:
+  """`SAMPLES` evenly spaced elements of a weight. A large device array is sampled on its
+  devices, so only the samples reach the host; a small one is read whole (no compile)."""
+  n = int(np.prod(leaf.shape))
+  idx = np.linspace(0, n - 1, min(n, SAMPLES)).astype(np.int64)
+  if isinstance(leaf, jax.Array) and n >= _ON_DEVICE:
+    return np.asarray(_gather(leaf, idx))
+  return np.asarray(leaf).reshape(-1)[idx]
+
+
+@jax.jit
+def _gather(a, idx):
+  return a.reshape(-1)[idx]
+
 
 def weights_fingerprint(params: ModelParams, config: ModelConfig) -> str:
-  """A digest of the config and of every weight (its path, shape, dtype and bytes)."""
+  """A digest of the config and of every weight: its path, shape, dtype and `SAMPLES` evenly
+  spaced elements.
+
+  It tells apart another model's weights (another training or seed differs everywhere), which
+  is what a worker rebuilt from a checkpoint must refuse; it is not a checksum of every byte
+  (a file damaged in a few elements is orbax's and the filesystem's to detect). Sampling keeps
+  it cheap at any size: a model of tens of GB is never copied to the host to be hashed.
+  """
   digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    a = np.ascontiguousarray(np.asarray(leaf))
-    digest.update(f"{jax.tree_util.keystr(path)}:{a.shape}:{a.dtype}".encode())
+    a = np.ascontiguousarray(_sample(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}:{tuple(leaf.shape)}:{a.dtype}".encode())
     digest.update(a.view(np.uint8).reshape(-1) if a.size else b"")
   return "sha256:" + digest.hexdigest()
 

@@ -1,9 +1,9 @@
 """Import of Hugging Face checkpoints (config.json + safetensors) for three MoE families.
 
 Supported `model_type`s: "mixtral", "qwen3_moe", "qwen2_moe". Weights are read tensor by tensor
-with safetensors (bf16 too, via ml_dtypes) and laid out as `ModelParams`: Linear weights
-[out, in] become [in, out], attention projections get explicit head axes, experts are stacked
-on E, layers on L.
+with safetensors (bf16 too, via ml_dtypes), straight into the devices' shards, and laid out as
+`ModelParams`: Linear weights [out, in] become [in, out], attention projections get explicit head
+axes, experts are stacked on E, layers on L.
 """
 
 from __future__ import annotations
@@ -170,13 +170,59 @@ class _Tensors:
     else:
       raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
-  def __contains__(self, name: str) -> bool:
-    return name in self._where
-
-  def get(self, name: str) -> np.ndarray:
+  def _file(self, name: str):
     if name not in self._where:
       raise CheckpointError(f"tensor {name!r} is missing from the checkpoint")
-    return self._open[self._where[name]].get_tensor(name)
+    return self._open[self._where[name]]
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    """From the file's header: no tensor data is read."""
+    return tuple(self._file(name).get_slice(name).get_shape())
+
+  def get(self, name: str) -> np.ndarray:
+    return self._file(name).get_tensor(name)
+
+
+class _Weight:
+  """One weight of ModelParams, made of HF tensors stacked on its leading axes (none; layers;
+  layers and experts) after a per-tensor layout change `fn`.
+
+  Its shape comes from the files' headers, and a region of it reads only the tensors the region
+  needs: a load onto a mesh holds one shard at a time in host memory, never the whole model.
+  """
+
+  def __init__(self, tensors: _Tensors, names: np.ndarray, fn: Callable = lambda a: a,
+               shape: tuple[int, ...] | None = None):
+    """`names`: the tensor names, shaped as the leading axes; `shape`: what every tensor's
+    shape must be (default: the first's)."""
+    self.tensors, self.names, self.fn = tensors, names, fn
+    first = names.flat[0]
+    want = shape or tensors.shape(first)
+    for name in names.flat:
+      got = tensors.shape(name)
+      if got != want:
+        raise CheckpointError(f"tensor {name!r} has shape {got}; "
+                              + (f"config.json implies {want}" if shape else
+                                 f"{first!r} has {want}, and every layer's must be alike"))
+    try:
+      inner = jax.eval_shape(lambda a: fn(a), jax.ShapeDtypeStruct(want, np.float32)).shape
+    except (ValueError, TypeError) as e:
+      raise CheckpointError(f"tensor {first!r} has shape {want}, which does not fit "
+                            f"config.json: {e}") from e
+    self.shape = names.shape + tuple(inner)
+
+  def read(self, index: tuple[slice, ...] = ()) -> np.ndarray:
+    """The region `index` (slices, as `jax.make_array_from_callback` gives them)."""
+    index = tuple(index) + (slice(None),) * (len(self.shape) - len(index))
+    lead = self.names.ndim
+    names, rest = np.asarray(self.names[index[:lead]], dtype=object), index[lead:]
+    out = None
+    for i in np.ndindex(names.shape):
+      part = np.asarray(self.fn(self.tensors.get(names[i])))[rest]
+      if out is None:
+        out = np.empty(names.shape + part.shape, part.dtype)
+      out[i] = part
+    return out
 
 
 def _expert_names(family: str) -> tuple[str, tuple[str, str, str], str]:
@@ -186,30 +232,18 @@ def _expert_names(family: str) -> tuple[str, tuple[str, str, str], str]:
   return "mlp", ("gate_proj", "up_proj", "down_proj"), "gate"
 
 
-def params_from_hf(t: Callable[[str], np.ndarray], cfg: ModelConfig) -> ModelParams:
-  """Lays HF tensors (looked up by name through `t`) out as ModelParams (numpy leaves)."""
+def params_from_hf(t: _Tensors, cfg: ModelConfig) -> ModelParams:
+  """Lays HF tensors out as ModelParams of `_Weight`s (nothing read yet but headers)."""
   L, E, N, K, H = (cfg.num_layers, cfg.num_experts, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
   moe_name, (g_name, u_name, d_name), router_name = _expert_names(cfg.family)
 
-  def named(name: str, fn=lambda a: a, shape=None):
-    """fn(tensor `name`), with any layout error reported against the tensor's name."""
-    a = t(name)
-    if shape is not None and tuple(a.shape) != shape:
-      raise CheckpointError(f"tensor {name!r} has shape {tuple(a.shape)}; config.json implies "
-                            f"{shape}")
-    try:
-      return fn(a)
-    except ValueError as e:
-      raise CheckpointError(f"tensor {name!r} has shape {tuple(a.shape)}, which does not fit "
-                            f"config.json: {e}") from e
+  def names(fmt: str, experts: bool = False) -> np.ndarray:
+    grid = [[fmt.format(l=l, e=e) for e in range(E)] if experts else fmt.format(l=l)
+            for l in range(L)]
+    return np.array(grid, dtype=object)
 
   def stack(fmt: str, fn=lambda a: a):
-    first = named(fmt.format(l=0), fn)
-    rest = [named(fmt.format(l=l), fn) for l in range(1, L)]
-    for l, a in enumerate(rest, 1):
-      if a.shape != first.shape:
-        raise CheckpointError(f"tensor {fmt.format(l=l)!r} does not have the shape of layer 0's")
-    return np.stack([first] + rest)
+    return _Weight(t, names(fmt), fn)
 
   def linear(fmt, *out_shape):  # HF [out, in] -> [in, *out_shape]
     return stack(fmt, lambda a: a.T.reshape(a.shape[1], *out_shape))
@@ -233,10 +267,7 @@ def params_from_hf(t: Callable[[str], np.ndarray], cfg: ModelConfig) -> ModelPar
   moe_p = "model.layers.{l}." + moe_name + "."
 
   def experts(proj: str):
-    names = [[(moe_p + f"experts.{e}.{proj}.weight").format(l=l) for e in range(E)]
-             for l in range(L)]
-    shape = tuple(t(names[0][0]).shape)
-    return np.stack([np.stack([named(n, np.transpose, shape) for n in row]) for row in names])
+    return _Weight(t, names(moe_p + "experts.{e}." + proj + ".weight", experts=True), np.transpose)
 
   shared = None
   if cfg.shared_expert_hidden:
@@ -256,10 +287,13 @@ def params_from_hf(t: Callable[[str], np.ndarray], cfg: ModelConfig) -> ModelPar
           shared=shared,
       ),
   )
-  embed = t("model.embed_tokens.weight")
-  head = embed if cfg.tie_embeddings else t("lm_head.weight")
-  return ModelParams(embed=embed, layers=layers, final_norm=t("model.norm.weight"),
-                     lm_head=np.ascontiguousarray(head.T))
+
+  def single(name: str, fn=lambda a: a):
+    return _Weight(t, np.array(name, dtype=object), fn)
+
+  head = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
+  return ModelParams(embed=single("model.embed_tokens.weight"), layers=layers,
+                     final_norm=single("model.norm.weight"), lm_head=single(head, np.transpose))
 
 
 def _check_shapes(params: ModelParams, cfg: ModelConfig):
@@ -273,18 +307,27 @@ def _check_shapes(params: ModelParams, cfg: ModelConfig):
 
 
 def load_hf_checkpoint(path: str, *, max_seq_len: int | None = None, dtype: str = "float32",
-                       expert_kernel: str = "auto") -> tuple[ModelConfig, ModelParams]:
-  """Loads a Hugging Face MoE checkpoint directory.
+                       expert_kernel: str = "auto", shardings=None
+                       ) -> tuple[ModelConfig, ModelParams]:
+  """Loads a Hugging Face MoE checkpoint directory, straight onto its devices.
+
+  Each weight is read tensor by tensor into the regions its sharding puts on each device and
+  cast there to `dtype`: host memory holds one weight's shard at a time, never the model. A
+  region replicated on several devices is read once; a tensor split inside (e.g. heads over a
+  cell's devices) is read by each device holding a part (the page cache serves the repeats).
 
   Args:
     path: directory with config.json and model.safetensors (or a sharded index).
     max_seq_len: KV-cache capacity per request; default min(max_position_embeddings, 2048).
-    dtype: "float32" or "bfloat16" for the loaded parameters.
+    dtype: "float32" or "bfloat16" for the loaded parameters (and the model's activations).
     expert_kernel: see ModelConfig.expert_kernel.
+    shardings: None (the default device), one `jax.sharding.Sharding` for every weight, or a
+      ModelParams-shaped tree of shardings (e.g. from `logical_axes` and a mesh).
   Returns:
-    (config, params) with params as jax arrays on the default device.
+    (config, params) with params as jax arrays on `shardings`.
   Raises:
-    CheckpointError: unsupported architecture, missing file or tensor, or a shape mismatch.
+    CheckpointError: unsupported architecture, missing file or tensor, or a shape mismatch
+      (found from the files' headers, before any weight is read).
   """
   config_path = os.path.join(path, "config.json")
   if not os.path.exists(config_path):
@@ -299,8 +342,23 @@ def load_hf_checkpoint(path: str, *, max_seq_len: int | None = None, dtype: str 
   except KeyError as e:
     raise CheckpointError(f"{config_path} lacks the field {e.args[0]!r}") from e
   cfg = cfg.replace(expert_kernel=expert_kernel)
-  tensors = _Tensors(path)
-  params = params_from_hf(tensors.get, cfg)
-  _check_shapes(params, cfg)
+  weights = params_from_hf(_Tensors(path), cfg)
+  _check_shapes(weights, cfg)
+  if shardings is None:
+    shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, weights)
   dt = jnp.dtype(dtype)
-  return cfg, jax.tree.map(lambda a: jnp.asarray(a, dtype=dt), params)
+
+  def load(w: _Weight, sharding) -> jax.Array:
+    regions = {}  # a region replicated on several devices is read once
+
+    def region(index):
+      key = tuple((s.start, s.stop, s.step) for s in index)
+      if key not in regions:
+        regions[key] = w.read(index).astype(dt)
+      return regions[key]
+
+    return jax.make_array_from_callback(w.shape, sharding, region)
+
+  return cfg, jax.tree.map(load, weights, shardings)

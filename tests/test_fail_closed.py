@@ -86,14 +86,21 @@ def _ews_holding_one_expert(engine: Engine) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("spare", [False, True])
-def test_an_expert_with_no_replica_left_fails_its_requests_unless_a_replacement_is_coming(spare):
+def test_an_expert_with_no_replica_left_fails_its_requests_unless_a_replacement_is_coming(
+    spare, tmp_path):
   """Case 1: zero spares, two EWs killed that hold both replicas of an expert. The requests
   routed there end with 'no live replica' (run() used to raise once, then serve them with
-  zeros); with a spare they wait for the replacement and complete."""
+  zeros); with a spare (and a checkpoint: no live peer holds the expert any more) they wait
+  for the replacement and complete."""
   plan = CellPlan(3, 4) if spare else CellPlan(4, 4)
   with _engine(plan=plan) as probe_engine:
     m1, m2 = _ews_holding_one_expert(probe_engine)
-  engine = _engine(f"kill:ew{m1}@step=3,layer=1; kill:ew{m2}@step=3,layer=1", plan=plan)
+  weights = None
+  if spare:
+    weights = str(tmp_path / "weights")
+    tj.save_checkpoint(weights, _params(), CFG)
+  engine = _engine(f"kill:ew{m1}@step=3,layer=1; kill:ew{m2}@step=3,layer=1", plan=plan,
+                   weights_dir=weights)
   with engine:
     ids = _serve(engine)
     engine.run()  # again: nothing more happens, nothing raises

@@ -12,7 +12,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Lowest first. A module is in the layer of the longest prefix of its dotted name listed here.
 LAYERS = [
     ("ground", ["tarragon_jax.config", "tarragon_jax.layers", "tarragon_jax.mesh",
-                "tarragon_jax.hf_import", "tarragon_jax.checkpoint", "tarragon_jax.training"]),
+                "tarragon_jax.hf_import", "tarragon_jax.checkpoint", "tarragon_jax.weights_source",
+                "tarragon_jax.training"]),
     ("worker", ["tarragon_jax.worker"]),
     ("resilience", ["tarragon_jax.resilience"]),
     ("runtime", ["tarragon_jax.runtime"]),

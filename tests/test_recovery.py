@@ -185,3 +185,29 @@ def test_the_timeline_is_written_as_jsonl(tmp_path):
                "restore", "replacement_started"):
     assert name in names
   assert all(e["t"] >= 0 for e in events)
+
+
+def test_a_bf16_engine_restores_and_fails_over_with_its_fault_free_tokens():
+  """bf16 end to end: weights, activations, the KV cache, its snapshots (host tier and the
+  tensorstore tier, read back with tensorstore's reader) and the restore of a killed AW's
+  requests."""
+  cfg = CFG.replace(dtype="bfloat16")
+  params = jax.tree.map(lambda a: a.astype(jax.numpy.bfloat16), _params())
+
+  def serve(faults):
+    rc = ResilienceConfig(flush_interval_s=0.02, durable_chunk=16)
+    archived = None
+    with Engine(cfg, params, EngineConfig(plan=CellPlan(3, 4), slots_per_aw=4, resilience=rc),
+                faults=parse_faults(faults)) as engine:
+      ids = [engine.submit(Request(p, MAX_NEW)) for p in PROMPTS]
+      while archived is None and engine.step():
+        durable = engine.state.store.archive.durable  # (a finished request leaves it)
+        if durable:
+          archived = read_archive(engine.state.store.archive.directory, next(iter(durable)))
+      engine.run()
+      return [engine.tokens(i) for i in ids], engine.timeline.of("restore"), archived
+
+  clean, _, _ = serve("")
+  faulty, restored, archived = serve("kill:aw1@step=12; kill:ew1@step=16,layer=2")
+  assert faulty == clean
+  assert restored and archived is not None and archived[0].dtype == jax.numpy.bfloat16

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import tarragon_jax as tj
+from tarragon_jax import hf_import
 from tests.hf_models import TinyMoE, build_hf_model, random_params
 
 # Qwen2-MoE with a shared expert and q/k/v biases: every optional weight is present.
@@ -128,6 +130,34 @@ def test_hf_import_loads_the_unedited_copy(hf_copy):
       "mixtral", 2, 4, "ragged")
   assert params.layers.moe.experts.w_gate.shape == (2, 4, 32, 24)
   assert issubclass(tj.CheckpointError, ValueError)
+
+
+def test_hf_import_in_bf16_straight_onto_an_expert_sharded_mesh(hf_dir, monkeypatch):
+  """bf16 onto a mesh: each device's shard is read from the files and cast there."""
+  want_cfg, want = tj.load_hf_checkpoint(hf_dir)  # f32 on one device: the reference
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("ep",))
+  shardings = jax.tree.map(
+      lambda axes: jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec(*["ep" if a == "experts" else None for a in axes])),
+      tj.logical_axes(want_cfg), is_leaf=lambda x: isinstance(x, tuple))
+  reads = collections.Counter()
+  get = hf_import._Tensors.get
+  monkeypatch.setattr(hf_import._Tensors, "get",
+                      lambda self, name: reads.update([name]) or get(self, name))
+  cfg, params = tj.load_hf_checkpoint(hf_dir, dtype="bfloat16", shardings=shardings)
+  assert cfg == want_cfg.replace(dtype="bfloat16")
+  # An expert's tensors are read by the one device that holds it; a replicated weight's once,
+  # not once per device. (A tensor split inside, the router's [D, E], is read by each part.)
+  experts = [n for n in reads if ".experts." in n]
+  assert len(experts) == 2 * 4 * 3 and {reads[n] for n in experts} == {1}
+  assert reads["model.embed_tokens.weight"] == reads["model.layers.1.self_attn.q_proj.weight"] == 1
+  w_gate = params.layers.moe.experts.w_gate  # [L, E, D, F], E = 4 over 4 devices
+  assert w_gate.sharding == shardings.layers.moe.experts.w_gate
+  assert {s.data.shape for s in w_gate.addressable_shards} == {(2, 1, 32, 24)}
+  assert params.embed.sharding.is_fully_replicated and len(params.embed.devices()) == 4
+  for got, ref in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True):
+    assert got.dtype == jax.numpy.bfloat16
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref.astype(got.dtype)))
 
 
 def test_unsupported_model_type_names_it_and_the_supported_ones(hf_copy):

@@ -42,7 +42,8 @@ def attend(cfg: ModelConfig, q, keys, values, q_positions, kv_lengths):
   """
   B, T, N, H = q.shape
   qg = q.reshape(B, T, cfg.num_kv_heads, cfg.q_per_kv, H)
-  scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, keys).astype(jnp.float32) * (H ** -0.5)
+  scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, keys, preferred_element_type=jnp.float32)
+  scores = scores * (H ** -0.5)
   s_pos = jnp.arange(keys.shape[1])[None, None, :]  # [1, 1, S]
   qp = q_positions[:, :, None]  # [B, T, 1]
   visible = (s_pos <= qp) & (s_pos < kv_lengths[:, None, None])

@@ -21,7 +21,8 @@ def route(router_w: jax.Array, cfg: ModelConfig, x: jax.Array):
   Returns:
     (expert ids i32[M, X], routing weights f32[M, X]).
   """
-  logits = jnp.einsum("MD,DE->ME", x, router_w).astype(jnp.float32)
+  # f32 out of the dot: bf16 logits would tie near-equal experts and change top-k choices
+  logits = jnp.einsum("MD,DE->ME", x, router_w, preferred_element_type=jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)
   weights, ids = jax.lax.top_k(probs, cfg.top_k)
   if cfg.norm_topk_prob:

@@ -42,7 +42,7 @@ def moe_half(lp: LayerParams, cfg: ModelConfig, x):
 def logits(params: ModelParams, cfg: ModelConfig, x: jax.Array) -> jax.Array:
   """Final norm and LM head: [..., D] -> f32[..., V]."""
   x = rms_norm(x, params.final_norm, cfg.rms_eps)
-  return jnp.einsum("...D,DV->...V", x, params.lm_head).astype(jnp.float32)
+  return jnp.einsum("...D,DV->...V", x, params.lm_head, preferred_element_type=jnp.float32)
 
 
 def hidden_states(params: ModelParams, cfg: ModelConfig, cache: KVCache, tokens, slots, n_new):

@@ -16,6 +16,7 @@ class GlobalRestart(RecoveryPolicy):
   """Restarts everything on any AW or EW failure."""
 
   name = "global_restart"
+  reloads_weights = True
 
   def workers_failed(self, state: ClusterState, event: WorkersFailed) -> list[Action]:
     return [RestartAll(shrink=(event.kind,))]

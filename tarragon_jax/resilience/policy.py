@@ -148,6 +148,9 @@ class RecoveryPolicy:
   """
 
   name = "policy"
+  # Whether its actions include `RestartAll`, which reloads every weight from a checkpoint
+  # (an engine given none saves one); a replacement copies its weights from live peers.
+  reloads_weights = False
 
   def __init__(self, resilience):
     self.resilience = resilience

@@ -1,12 +1,11 @@
 """Replacement workers, built off the serving thread on spare devices.
 
-A build takes spare devices for one cell, copies the worker's weights from live peers (orbax
-as the fallback; a worker process loads its own with orbax), builds the worker and compiles
-its executables unless the cell is a hot spare. It runs in a thread so that serving goes on;
-the finished worker joins only when the recovery policy says (`Join`, at a layer boundary).
-A build past its `build_timeout_s` is abandoned: its devices stay out of the pool (the thread
-may still be using them) and its worker, if it ever appears, is stopped.
-"""
+A build takes spare devices for one cell, copies the worker's weights from live peers (the
+engine's weights_dir as the fallback; a worker process loads its own from weights_dir), builds
+the worker and compiles its executables unless the cell is a hot spare. It runs in a thread so
+that serving goes on; the finished worker joins only when the recovery policy says (`Join`, at a
+layer boundary). A build past its `build_timeout_s` is abandoned: its devices stay out of the
+pool (the thread may still be using them) and its worker, if it ever appears, is stopped. """
 
 from __future__ import annotations
 
@@ -17,9 +16,9 @@ import time
 import jax
 import numpy as np
 
-from tarragon_jax.checkpoint import load_checkpoint
 from tarragon_jax.layers.params import ExpertParams
 from tarragon_jax.mesh.cells import Cell
+from tarragon_jax.weights_source import load_weights
 from tarragon_jax.worker.fault_domain import FaultDomain
 
 
@@ -32,7 +31,7 @@ class Build:
   worker: FaultDomain | None = None
   error: str | None = None
   done: float | None = None
-  source: str = ""  # where the weights came from: "peer" or "orbax"
+  source: str = ""  # where the weights came from: "peer" or "checkpoint"
   thread: threading.Thread | None = None
   abandoned: bool = False  # past its bound or the engine closed: its worker is not wanted
 
@@ -137,20 +136,23 @@ class Replacements:
     return ExpertParams(**parts)
 
   def _build(self, b: Build):
-    """Runs off the serving thread: weights from peers (else orbax), worker on its cell."""
+    """Runs off the serving thread: weights from peers (else weights_dir), worker on its cell."""
     e = self.e
     try:
-      params, b.source = None, "orbax"
-      if not e.runtime.remote:  # (a new process loads its weights itself, with orbax)
+      params, b.source = None, "checkpoint"
+      if not e.runtime.remote:  # (a new process loads its weights itself, from weights_dir)
         try:
           params, b.source = self._peer_weights(b.kind, b.index), "peer"
         except Exception:  # noqa: BLE001 - a peer failed while being copied: use orbax
           params = None
         if params is None:
+          if e.weights_dir is None:
+            raise RuntimeError(f"no live peer holds the weights of {b.kind}{b.index} and the "
+                               f"engine has no checkpoint to load them from: give "
+                               f"ResilienceConfig.weights_dir")
           sharding = jax.sharding.SingleDeviceSharding(b.cell.devices[0])
-          _, params = load_checkpoint(e.weights_dir, shardings=sharding,
-                                      expect=e.weights_fingerprint)
-          b.source = "orbax"
+          params = load_weights(e.weights_dir, e.cfg, sharding, expect=e.weights_fingerprint)
+          b.source = "checkpoint"
       w = e.make_worker(b.kind, b.index, b.cell, params)
       b.worker = w
       if (b.kind, b.cell.devices) not in e.hot_cells:  # a hot spare has compiled already

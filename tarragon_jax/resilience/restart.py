@@ -1,10 +1,10 @@
 """The global restart (`RestartAll`), as a MegaScale-like system does it.
 
 Stop every worker and delete all of its arrays (KV caches included), clear every compiled
-executable, reload the weights with orbax, carve cells from the surviving devices, rebuild the
-workers, compile, and recompute every in-flight request from its prompt (tokens the client
-already has are recomputed, checked and dropped by its stream). Each phase is timed; nothing
-sleeps.
+executable, reload the weights from the checkpoint, carve cells from the surviving devices,
+rebuild the workers, compile, and recompute every in-flight request from its prompt (tokens the
+client already has are recomputed, checked and dropped by its stream). Each phase is timed;
+nothing sleeps.
 
 Advantages it gets, as a real JAX deployment would have them: the persistent compilation cache
 (when the launcher enables it), weights on local disk, and in the local runtime no process
@@ -18,8 +18,8 @@ import time
 
 import jax
 
-from tarragon_jax.checkpoint import load_checkpoint
 from tarragon_jax.mesh.cells import CellPlan
+from tarragon_jax.weights_source import load_weights
 from tarragon_jax.worker.calls import wait
 from tarragon_jax.worker.requests import Phase
 
@@ -80,13 +80,17 @@ def restart_all(recovery, shrink=()) -> dict | None:
     return None
   params = None
   try:
+    if e.weights_dir is None:
+      raise RuntimeError("a global restart reloads every weight from a checkpoint and the engine "
+                         "has none: give ResilienceConfig.weights_dir, or set `reloads_weights = "
+                         "True` on the recovery policy so that the engine saves one")
     if not e.runtime.remote:  # (new worker processes load their weights themselves)
-      _, params = load_checkpoint(  # 3. weights from the orbax checkpoint
-          e.weights_dir, shardings=jax.sharding.SingleDeviceSharding(devices[0]),
+      params = load_weights(  # 3. weights from the checkpoint
+          e.weights_dir, e.cfg, jax.sharding.SingleDeviceSharding(devices[0]),
           expect=e.weights_fingerprint)
       jax.block_until_ready(params)
       phase("weight_load_s")
-    e.build(params, devices, plan)  # 4. cells (processes: start, JAX init, orbax load, build)
+    e.build(params, devices, plan)  # 4. cells (processes: start, JAX init, weight load, build)
   except Exception as err:  # noqa: BLE001 - e.g. other weights: nothing can serve
     _cannot_serve(e, f"the global restart cannot rebuild the cluster: {err}")
     return None

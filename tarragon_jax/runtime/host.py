@@ -4,7 +4,7 @@
 
 Prints `READY <address> <probe address>` once its endpoint is bound on ADDRESS (default
 127.0.0.1), then serves (and exits when the process that started it is gone):
-- {"op": "init", "spec": {...}}: builds the worker: an AW or EW loads its weights with orbax
+- {"op": "init", "spec": {...}}: builds the worker: an AW or EW loads its weights from weights_dir
   (the same `AttentionWorker` / `ExpertWorker` classes the local runtime uses) on this
   process's device, refusing weights whose fingerprint is not the spec's, and binds its data
   plane (`ZmqPlane`, or `TransferPlane` with spec transport="transfer"; the reply carries its
@@ -34,7 +34,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tarragon_jax.checkpoint import load_checkpoint  # noqa: E402
 from tarragon_jax.config import ModelConfig  # noqa: E402
 from tarragon_jax.mesh.cells import Cell  # noqa: E402
 from tarragon_jax.resilience.snapshot_store import SnapshotStore  # noqa: E402
@@ -42,6 +41,7 @@ from tarragon_jax.runtime import compile_cache  # noqa: E402
 from tarragon_jax.runtime.channel import Endpoint  # noqa: E402
 from tarragon_jax.runtime.peer_plane import ZmqPlane  # noqa: E402
 from tarragon_jax.runtime.transfer_plane import TransferPlane  # noqa: E402
+from tarragon_jax.weights_source import load_weights  # noqa: E402
 from tarragon_jax.worker.dataplane import kv_tag  # noqa: E402
 from tarragon_jax.worker.placement import Placement  # noqa: E402
 from tarragon_jax.worker.workers import AttentionWorker, ExpertWorker, ew_weights  # noqa: E402
@@ -104,8 +104,8 @@ def build(spec: dict, host: str = "127.0.0.1"):
                                      on_death=_store_died), ZmqPlane(host), spec["kv_wait_s"])
   cell = Cell(f"{spec['kind']}{spec['index']}", (jax.devices()[0],))
   # `fingerprint`: the weights the driver serves; a checkpoint holding others is refused.
-  _, params = load_checkpoint(spec["weights_dir"], shardings=cell.replicated(),
-                              expect=spec.get("fingerprint"))
+  params = load_weights(spec["weights_dir"], cfg, cell.replicated(),
+                        expect=spec.get("fingerprint"))
   # On ZeroMQ arrays arrive as host arrays; pulled with `transfer`, as arrays on this device.
   transfer = spec.get("transport") == "transfer"
   plane = TransferPlane(host, cell.devices[0]) if transfer else ZmqPlane(host)

@@ -117,8 +117,8 @@ class RemoteWorker(FaultDomain):
     self.conn.send(message)
 
   def init(self, spec: dict) -> Pending:
-    """Has the process load its weights (orbax) and build its worker; its result carries the
-    worker's data-plane address."""
+    """Has the process load its weights (from weights_dir) and build its worker; its result
+    carries the worker's data-plane address."""
     return self._send("init", {"op": "init", "spec": spec})
 
   def set_table(self, active):
@@ -228,7 +228,7 @@ class ProcessRuntime:
     return carve(plan, devices, make_cell=ProcessCell)
 
   def start_worker(self, engine, kind: str, index: int, cell: ProcessCell) -> RemoteWorker:
-    """Starts the process, then has it load its weights (orbax) and build its worker."""
+    """Starts the process, then has it load its weights (from weights_dir) and build its worker."""
     return self.start_workers(engine, [(kind, index, cell)])[0]
 
   def start_workers(self, engine, specs: list[tuple]) -> list[RemoteWorker]:

@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np
+from absl import logging
 
-from tarragon_jax.checkpoint import check_fingerprint, save_checkpoint, weights_fingerprint
+from tarragon_jax.checkpoint import save_checkpoint, weights_fingerprint
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.params import ExpertParams, ModelParams, abstract_params
 from tarragon_jax.mesh.cells import Cell
@@ -43,6 +44,7 @@ from tarragon_jax.serving.exchange import LayerExchange
 from tarragon_jax.serving.frontend import Frontend, RequestsFailed
 from tarragon_jax.serving.metrics import TokenEvent, latency_summary
 from tarragon_jax.serving.streams import RequestFailed
+from tarragon_jax.weights_source import check_weights_dir
 from tarragon_jax.worker.buckets import all_buckets, bucket
 from tarragon_jax.worker.calls import wait
 from tarragon_jax.worker.dataplane import LocalPlane
@@ -76,14 +78,13 @@ class Engine(LayerExchange, Frontend):
     self.devices = list(self.runtime.devices() if devices is None else devices)
     self.transfers = Transfers()  # the bytes the local data plane moves between cells
     self.control_link = self.runtime.data_plane()  # says which messages will not come
-    # Replacements and restarts load weights from `weights_dir`: its fingerprint must be that of
-    # the weights served here, or a rebuilt worker would serve another model without an error.
+    # Rebuilt workers load weights from `weights_dir`: they must be the weights served here, or
+    # a rebuilt worker would serve another model without an error.
     self.weights_fingerprint = weights_fingerprint(params, cfg)
     if rc.weights_dir:
-      check_fingerprint(rc.weights_dir, self.weights_fingerprint)
+      check_weights_dir(rc.weights_dir, cfg, self.weights_fingerprint)
     self._scratch = tempfile.mkdtemp(prefix="tarragon_")
-    self.weights_dir = rc.weights_dir or os.path.dirname(
-        save_checkpoint(os.path.join(self._scratch, "weights"), params, cfg))
+    self.weights_dir = rc.weights_dir or self._weights_copy(params)
     self.store_dir = rc.store_dir or os.path.join(self._scratch, "snapshots")
     self._init_frontend(on_token)
     self.iteration = 0
@@ -96,6 +97,23 @@ class Engine(LayerExchange, Frontend):
     if rc.snapshots:
       self.state.store = self.recovery.new_store()
     self.arm_faults(faults)
+
+  def _weights_copy(self, params: ModelParams) -> str | None:
+    """Where workers load weights from when the user gave none: nowhere (None) when every
+    rebuilt worker can copy them from live peers; else (worker processes, a policy that reloads
+    every weight) a checkpoint saved in the scratch directory, which costs the model's size in
+    disk, so the log says how to avoid it."""
+    rc = self.engine_cfg.resilience
+    if not (self.runtime.remote or policy_class(rc.recovery).reloads_weights):
+      return None
+    size = sum(a.nbytes for a in jax.tree.leaves(params))
+    path = os.path.dirname(save_checkpoint(os.path.join(self._scratch, "weights"), params,
+                                           self.cfg))
+    logging.warning("saved a copy of the weights (%.2f GB) to %s for %s to load from; give "
+                    "ResilienceConfig.weights_dir (an orbax or Hugging Face checkpoint of these "
+                    "weights) to load from it instead", size / 1e9, path,
+                    "worker processes" if self.runtime.remote else f"recovery={rc.recovery!r}")
+    return path
 
   def arm_faults(self, faults: Iterable[Fault]):
     """Replaces the fault schedule; its steps and times count from now (e.g. after warm-up).
@@ -347,8 +365,9 @@ class Engine(LayerExchange, Frontend):
     The KV of a CPU cell goes as a host copy, made here once the step's tokens are in (its
     device work is done; a memcpy, ~3 us a step of the tiny model): a store that held the
     device buffers for a batch and copied them in its own thread cost ~1.4 % more of the
-    fault-free throughput on 2 cores. An accelerator's KV goes as the device array, so that the
-    device-to-host transfer stays off the serving thread (the store's thread makes it). In the
+    fault-free throughput on 2 cores. An accelerator's KV goes as the device array, whose copy
+    to the host the AW started when it sampled (`copy_to_host_async`): the store's thread only
+    waits for it, and the serving thread never does. In the
     process runtime the AW has sent its KV to the store itself: `kv` is then {"from": its
     data-plane address}, and no KV passes through here.
     """

@@ -198,6 +198,11 @@ class AttentionWorker(FaultDomain, Peer):
     tokens, self.cache, segment = datapath.aw_finish(
         self.params, self.cfg, self.x, self.cache, self.slots, self.n_new,
         key_data, step, temperature, top_p, self.bad, snapshot=self.snapshots)
+    if segment is not None and self.cell.devices[0].platform != "cpu":
+      # The device-to-host copy starts as soon as the step is computed, beside the token fetch:
+      # whoever reads the KV for the store (its thread, or this process's data plane) waits
+      # for a copy under way instead of making it. (A CPU array is host memory already.)
+      segment.copy_to_host_async()
     return tokens, segment
 
   def run_step(self, step: int, batch: tuple, sampling: tuple, num_ew: int,
@@ -294,15 +299,17 @@ class AttentionWorker(FaultDomain, Peer):
 
 
 def ew_weights(params: ModelParams, placement: Placement, ew: int) -> ExpertParams:
-  """Host arrays [L, S, ...] of the experts (primaries and shadows) that EW `ew` holds."""
+  """The experts (primaries and shadows) that EW `ew` holds, [L, S, ...]: gathered where the
+  model's weights are (device arrays stay on their devices: at real sizes the whole model's
+  experts never pass through host memory to build one EW), host arrays from host arrays."""
   contents = placement.contents[:, ew]  # [L, S]
   held = contents >= 0
   idx = np.where(held, contents, 0)
   layers = np.arange(contents.shape[0])[:, None]
 
   def gather(w):
-    w = np.asarray(w)[layers, idx]
-    return np.where(held[:, :, None, None], w, 0).astype(w.dtype)
+    xp = jnp if isinstance(w, jax.Array) else np
+    return xp.where(held[:, :, None, None], w[layers, idx], 0).astype(w.dtype)
 
   e = params.layers.moe.experts
   return ExpertParams(gather(e.w_gate), gather(e.w_up), gather(e.w_down))
@@ -313,7 +320,7 @@ class ExpertWorker(FaultDomain, Peer):
 
   def __init__(self, index: int, cell: Cell, cfg: ModelConfig, host: ExpertParams, num_ew: int,
                plane, host_inputs: bool = False):
-    """`host`: the experts this EW holds, host arrays [L, S, ...] (see `ew_weights`).
+    """`host`: the experts this EW holds, [L, S, ...] (see `ew_weights`).
     `plane`: its `DataPlane`. `host_inputs`: the AWs' buffers arrive as host arrays (a worker
     process), so `warm_up` compiles for those: otherwise the all-slots executable, first used
     in a failover's replay, would compile there."""

@@ -1,0 +1,73 @@
+"""Where a worker that is (re)built loads the weights it serves: the user's own checkpoint.
+
+A weights directory is either an orbax checkpoint (`save_checkpoint`) or a Hugging Face one
+(config.json + safetensors). Either way the weights must be those the engine serves: a
+checkpoint of another model with the same shapes would load without an error and serve wrong
+tokens. An orbax checkpoint carries its fingerprint, checked before anything is read; a Hugging
+Face checkpoint carries none, so its config is checked up front and its weights' fingerprint
+once they are loaded, before a worker serves them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+from tarragon_jax.checkpoint import check_fingerprint, load_checkpoint, weights_fingerprint
+from tarragon_jax.config import ModelConfig
+from tarragon_jax.hf_import import CheckpointError, config_from_hf, load_hf_checkpoint
+from tarragon_jax.layers.params import ModelParams
+
+# ModelConfig fields that are execution choices, not the weights' architecture.
+_EXECUTION = ("expert_kernel", "capacity_factor")
+
+
+def is_hf_checkpoint(directory: str) -> bool:
+  return os.path.exists(os.path.join(directory, "config.json")) and any(
+      os.path.exists(os.path.join(directory, f))
+      for f in ("model.safetensors", "model.safetensors.index.json"))
+
+
+def _architecture(cfg: ModelConfig) -> dict:
+  return {k: v for k, v in cfg.to_dict().items() if k not in _EXECUTION}
+
+
+def check_weights_dir(directory: str, cfg: ModelConfig, fingerprint: str):
+  """Raises ValueError unless `directory` is a checkpoint of the weights served (`cfg`,
+  `fingerprint`): for Hugging Face, of the same architecture (its weights are checked on load)."""
+  if not is_hf_checkpoint(directory):
+    check_fingerprint(directory, fingerprint)
+    return
+  with open(os.path.join(directory, "config.json")) as f:
+    try:
+      hf = config_from_hf(json.load(f), max_seq_len=cfg.max_seq_len, dtype=cfg.dtype)
+    except (KeyError, json.JSONDecodeError, CheckpointError) as e:
+      raise ValueError(f"{directory}: not a usable Hugging Face checkpoint ({e!r})") from e
+  if _architecture(hf) != _architecture(cfg):
+    diff = ", ".join(f"{k}={v!r}, served {getattr(cfg, k)!r}"
+                     for k, v in _architecture(hf).items() if getattr(cfg, k) != v)
+    raise ValueError(f"{directory}: the Hugging Face checkpoint is of another model than the one "
+                     f"served ({diff})")
+
+
+def load_weights(directory: str, cfg: ModelConfig, shardings=None,
+                 expect: str | None = None) -> ModelParams:
+  """The weights in `directory`, in `cfg.dtype`, onto `shardings` (see `load_checkpoint`).
+
+  Raises:
+    ValueError: `expect` is given and the weights have another fingerprint.
+  """
+  if not is_hf_checkpoint(directory):
+    return load_checkpoint(directory, shardings=shardings, expect=expect)[1]
+  _, params = load_hf_checkpoint(directory, max_seq_len=cfg.max_seq_len, dtype=cfg.dtype,
+                                 expert_kernel=cfg.expert_kernel, shardings=shardings)
+  if expect is not None:
+    found = weights_fingerprint(params, cfg)
+    if found != expect:
+      jax.tree.map(lambda a: a.delete(), params)
+      raise ValueError(f"{directory}: the checkpoint holds other weights than expected "
+                       f"(fingerprint {found}, expected {expect}); give the checkpoint the "
+                       f"served weights came from")
+  return params
