@@ -1,7 +1,14 @@
-r"""Mixtral-8x7B's shape (bf16), for GPU machines; never instantiated as parameters on CPU.
+r"""Mixtral-8x7B's shape (bf16): the model benchmark at a real size on one GPU of >= 100 GB (H200).
 
-Real weights come from a Hugging Face checkpoint (`tarragon_jax.load_hf_checkpoint`); this config
-states the architecture those weights must match. Check that it is a valid ModelConfig with:
+Real weights come from a Hugging Face checkpoint (`tarragon_jax.load_hf_checkpoint`); the
+benchmark makes random ones on the GPU instead (nothing is downloaded). 93 GB of weights and an
+8.6 GB KV cache (batch 64, 1032 positions) do not fit an 80 GB H100; on a 141 GB H200:
+
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python -m experiments.bench_model \
+    --config=configs/mixtral_8x7b.py
+
+(scripts/device_check.sh runs it where the GPU has the memory). Never instantiated on CPU;
+check that it is a valid ModelConfig with:
 
   PYTHONPATH=. python -c "from configs import mixtral_8x7b as m; \
 from experiments.launch_config import model_config; print(model_config(m.get_config()))"
@@ -9,6 +16,7 @@ from experiments.launch_config import model_config; print(model_config(m.get_con
 
 import ml_collections
 
+from experiments import roofline
 from experiments.launch_config import model_dict
 
 
@@ -33,10 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   )
   c.seed = 0
   c.workdir = "runs/mixtral_8x7b"
-  c.batch_size = 8
-  c.prompt_len = 512
-  c.gen_len = 128
-  c.reps = 3
-  c.hf_attn = "sdpa"
-  c.hf_experts = "grouped_mm"
+  roofline.add_fields(c, batches=(1, 64), context_len=1024, steps=8, reps=3, bandwidth_mib=4096,
+                      kernels=("ragged", "ragged_cudnn", "ragged_pallas", "capacity",
+                               "capacity_dsf"))
   return c

@@ -1,7 +1,15 @@
-r"""Qwen3-30B-A3B's shape (bf16), for GPU machines; never instantiated as parameters on CPU.
+r"""Qwen3-30B-A3B's shape (bf16): the model benchmark at a real size on one 80 GB GPU (H100).
 
 128 experts top-8 with renormalized top-k weights, per-head q/k RMSNorm. Real weights come from a
-Hugging Face checkpoint (`tarragon_jax.load_hf_checkpoint`). Check that it is a valid ModelConfig:
+Hugging Face checkpoint (`tarragon_jax.load_hf_checkpoint`); the benchmark makes random ones on
+the GPU instead (nothing is downloaded). 61 GB of weights and a 6.5 GB KV cache (batch 64, 1032
+positions) fit an 80 GB H100 only once JAX may take more than its default 75% of the memory:
+
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python -m experiments.bench_model \
+    --config=configs/qwen3_moe.py
+
+scripts/device_check.sh runs it on an 80 GB card (most of its time is compiling, 2 batch sizes x
+6 kernel variants). Never instantiated on CPU; check that it is a valid ModelConfig with:
 
   PYTHONPATH=. python -c "from configs import qwen3_moe as m; \
 from experiments.launch_config import model_config; print(model_config(m.get_config()))"
@@ -9,6 +17,7 @@ from experiments.launch_config import model_config; print(model_config(m.get_con
 
 import ml_collections
 
+from experiments import roofline
 from experiments.launch_config import model_dict
 
 
@@ -34,10 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
   )
   c.seed = 0
   c.workdir = "runs/qwen3_moe"
-  c.batch_size = 8
-  c.prompt_len = 512
-  c.gen_len = 128
-  c.reps = 3
-  c.hf_attn = "sdpa"
-  c.hf_experts = "grouped_mm"
+  # capacity_x4: at batch 64 the capacity kernel's default buffers (capacity_factor 2) overflow
+  # in most layers, which then run its exact branch; 4 leaves room.
+  roofline.add_fields(c, batches=(1, 64), context_len=1024, steps=8, reps=3, bandwidth_mib=4096,
+                      kernels=("ragged", "ragged_cudnn", "ragged_pallas", "capacity",
+                               "capacity_dsf", "capacity_x4"))
   return c
