@@ -1,7 +1,7 @@
 """Model throughput: against Hugging Face on CPU, or against the memory-bandwidth roofline.
 
-  PYTHONPATH=. python -m experiments.bench_model --config=configs/tiny.py
-  PYTHONPATH=. python -m experiments.bench_model --config=configs/bench_model_roofline.py
+  python -m experiments.bench_model --config=configs/tiny.py
+  python -m experiments.bench_model --config=configs/bench_model_roofline.py
 
 `baseline = "hf"` (configs/tiny.py): builds a random HF Mixtral of the config's shape locally (no
 download), saves it, loads that one checkpoint into both implementations, then times batch_size
@@ -31,13 +31,18 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, logging
+from absl import app
 
 import tarragon_jax as tj
 from experiments import launch_config, roofline
 
-_CONFIG, _WORKDIR, _CACHE = launch_config.define_flags("configs/tiny.py")
+# The HF and roofline modes read different fields: only those both read are required up front.
+_CONFIG, _WORKDIR, _CACHE = launch_config.define_flags(
+    "configs/tiny.py", required=("model", "seed", "workdir", "reps"))
 _GB = 1e9
+# `tj.extend` as one jitted function (of the config, static, and the arrays), lowered and
+# compiled per kernel variant.
+_EXTEND = jax.jit(tj.extend, static_argnames="config", donate_argnames="cache")
 
 
 # --- baseline "hf": against Hugging Face eager PyTorch on CPU ---------------------------------
@@ -134,7 +139,7 @@ def compare_with_hf(cd, cfg: tj.ModelConfig, workdir: str):
   runners = {"ours": lambda: run_ours(params, cfg, prompt, G),
              "hf": lambda: run_hf(model, prompt, G)}
   tokens = {name: run()[0] for name, run in runners.items()}  # warmup: compiles, allocator, caches
-  logging.info("warmup done; timing %d interleaved repetitions", cd.reps)
+  launch_config.progress("warmup done; timing %d interleaved repetitions", cd.reps)
   load_before = os.getloadavg()[0]  # other processes on these cores skew HF's OpenMP far more
   records = []
   for rep in range(cd.reps):
@@ -227,8 +232,8 @@ def _time_batch(params, cfg: tj.ModelConfig, cd, batch: int, bandwidth: float, i
   for name in cd.kernels:
     t0 = time.perf_counter()
     try:
-      fn, calls = roofline.compile_variant(tj.extend, name, (params, cache, tokens[0], slots,
-                                                              n_one), cfg)
+      fn, calls = roofline.compile_variant(_EXTEND, name, (params, cache, tokens[0], slots,
+                                                            n_one), cfg)
       _, cache = decode_run(fn, params, cache, tokens, slots, n_one, S)  # untimed
     except Exception as e:  # noqa: BLE001 (a lowering this JAX, XLA or device lacks is a result)
       first = (str(e).splitlines() or [""])[0][:300]

@@ -1,6 +1,6 @@
 """Trains a tiny MoE with optax on Python's stdlib sources (bytes) and checkpoints it with orbax.
 
-  PYTHONPATH=. python -m experiments.train --config=configs/train_tiny.py
+  python -m experiments.train --config=configs/train_tiny.py
 
 Writes to the config's workdir: metrics.jsonl (step, train_loss, eval_loss), loss.png,
 summary.json and checkpoint/ (reloaded with `tarragon_jax.load_checkpoint` and checked).
@@ -15,11 +15,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, logging
+from absl import app
 
 import tarragon_jax as tj
 from experiments import launch_config
-from tarragon_jax.training import adamw, eval_loss, stdlib_bytes, train_step, windows
+from tarragon_jax.training import adamw, eval_loss, make_train_step, stdlib_bytes, windows
 
 _CONFIG, _WORKDIR, _ = launch_config.define_flags("configs/train_tiny.py", cache=False)
 
@@ -39,28 +39,29 @@ def main(argv):
   n_eval = cd.eval_batches * cd.batch_size
   eval_set = jnp.asarray(windows(eval_data, rng.integers(0, len(eval_data) - cd.seq_len - 1,
                                                          n_eval), cd.seq_len))
-  logging.info("corpus %s: %d train bytes, %d held-out bytes (%d eval windows)",
-               cd.corpus_packages, len(train_data), len(eval_data), n_eval)
+  launch_config.progress("corpus %s: %d train bytes, %d held-out bytes (%d eval windows)",
+                         cd.corpus_packages, len(train_data), len(eval_data), n_eval)
 
   params = tj.init_params(cfg, jax.random.key(cd.seed))
-  opt = adamw(cd.learning_rate, cd.steps, cd.warmup_steps, cd.weight_decay, cd.grad_clip)
+  opt = adamw(cfg, cd.learning_rate, cd.steps, cd.warmup_steps, cd.weight_decay, cd.grad_clip)
   state = opt.init(params)
+  train_step = make_train_step(cfg, opt)
 
   records = [{"step": 0, "train_loss": None, "eval_loss": float(eval_loss(params, cfg, eval_set))}]
-  logging.info("step 0: eval_loss %.4f", records[0]["eval_loss"])
+  launch_config.progress("step 0: eval_loss %.4f", records[0]["eval_loss"])
   train_losses = []
   start = time.perf_counter()
   for step in range(1, cd.steps + 1):
     batch = windows(train_data, rng.integers(0, len(train_data) - cd.seq_len - 1, cd.batch_size),
                     cd.seq_len)
-    params, state, loss = train_step(params, state, jnp.asarray(batch), cfg, opt)
+    params, state, loss = train_step(params, state, jnp.asarray(batch))
     train_losses.append(loss)
     if step % cd.eval_every == 0 or step == cd.steps:
       train = float(np.mean(jax.device_get(train_losses[-cd.eval_every:])))
       records.append({"step": step, "train_loss": train,
                       "eval_loss": float(eval_loss(params, cfg, eval_set))})
-      logging.info("step %d: train_loss %.4f eval_loss %.4f (%.1f s)", step, train,
-                   records[-1]["eval_loss"], time.perf_counter() - start)
+      launch_config.progress("step %d: train_loss %.4f eval_loss %.4f (%.1f s)", step, train,
+                             records[-1]["eval_loss"], time.perf_counter() - start)
   train_seconds = time.perf_counter() - start
 
   metrics = launch_config.write_jsonl(os.path.join(workdir, "metrics.jsonl"), records)

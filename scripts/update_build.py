@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 LIBRARY_DIRS = ("tarragon_jax", "experiments", "configs")
 STDLIB = set(sys.stdlib_module_names)
 PYPI = {  # import name -> PyPI distribution
-    "jax": "jax", "flax": "flax", "optax": "optax", "orbax": "orbax-checkpoint",
+    "jax": "jax", "jaxlib": "jaxlib", "flax": "flax", "optax": "optax", "orbax": "orbax-checkpoint",
     "numpy": "numpy", "absl": "absl-py", "ml_collections": "ml_collections",
     "safetensors": "safetensors", "matplotlib": "matplotlib", "torch": "torch",
     "transformers": "transformers", "pytest": "pytest", "zmq": "pyzmq", "psutil": "psutil",

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from tarragon_jax.config import ModelConfig
+from tarragon_jax.layers.params import ModelParams, ParamSpec, param_specs
 from tarragon_jax.layers.transformer import forward
 
 
@@ -38,27 +39,46 @@ def windows(data: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
   return data[starts[:, None] + np.arange(length + 1)].astype(np.int32)
 
 
-def loss_fn(params, cfg: ModelConfig, batch: jax.Array) -> jax.Array:
+def loss_fn(params, config: ModelConfig, batch: jax.Array) -> jax.Array:
   """Mean next-token cross entropy (nats) of batch i32[B, T + 1] through `forward`."""
-  logits = forward(params, cfg, batch[:, :-1])  # f32[B, T, V]
+  logits = forward(params, config, batch[:, :-1])  # f32[B, T, V]
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
-def adamw(learning_rate: float, steps: int, warmup_steps: int, weight_decay: float,
-          grad_clip: float) -> optax.GradientTransformation:
-  """AdamW with linear warmup, cosine decay and global-norm clipping."""
+eval_loss = jax.jit(loss_fn, static_argnames="config")
+
+
+def decay_mask(config: ModelConfig) -> ModelParams:
+  """True for the weights weight decay applies to: the projections, experts, router,
+  embedding and head; False for norm scales and biases (decaying a norm scale pulls it to 0,
+  not to its initial 1)."""
+  return jax.tree.map(lambda s: s.init == "normal", param_specs(config),
+                      is_leaf=lambda x: isinstance(x, ParamSpec))
+
+
+def adamw(config: ModelConfig, learning_rate: float, steps: int, warmup_steps: int,
+          weight_decay: float, grad_clip: float) -> optax.GradientTransformation:
+  """AdamW with linear warmup, cosine decay, global-norm clipping, and weight decay on
+  `decay_mask(config)` only."""
   schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps,
                                                 max(steps, warmup_steps + 1))
   return optax.chain(optax.clip_by_global_norm(grad_clip),
-                     optax.adamw(schedule, weight_decay=weight_decay))
+                     optax.adamw(schedule, weight_decay=weight_decay,
+                                 mask=decay_mask(config)))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "opt"), donate_argnames=("params", "state"))
-def train_step(params, state, batch, cfg: ModelConfig, opt: optax.GradientTransformation):
-  """One optimizer step; returns (params, state, loss before the step)."""
-  loss, grads = jax.value_and_grad(loss_fn)(params, cfg, batch)
-  updates, state = opt.update(grads, state, params)
-  return optax.apply_updates(params, updates), state, loss
+def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation):
+  """A jitted step(params, opt_state, batch) -> (params, opt_state, loss before the step).
 
+  It compiles once per returned function (the config and the optimizer are closed over, not
+  hashed per call). `params` and `opt_state` are donated: the arrays passed in are invalid
+  after the call; use the ones it returns.
+  """
 
-eval_loss = jax.jit(loss_fn, static_argnames="cfg")
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, config, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step

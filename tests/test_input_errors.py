@@ -247,3 +247,18 @@ def test_truncated_safetensors_file_is_named(hf_configs, tmp_path, sharded):
              r"\(.*\): download or save it again")
   with pytest.raises(tj.CheckpointError, match=message):
     tj.load_hf_checkpoint(str(tmp_path))
+
+
+def test_the_model_takes_python_lists_and_names_a_bad_argument():
+  import jax
+
+  params = tj.init_params(CFG, jax.random.key(0))
+  cache = tj.KVCache.create(CFG, 2)
+  logits, cache = tj.extend(params, CFG, cache, [[1, 2, 3]], [1], [3])  # lists, as arrays
+  np.testing.assert_allclose(np.asarray(logits[0]),
+                             np.asarray(tj.forward(params, CFG, [[1, 2, 3]])[0, -1]), atol=1e-5)
+  message = "extend: slots has shape (1, 1); expected i32[B]"
+  with pytest.raises(ValueError, match=re.escape(message)):
+    tj.extend(params, CFG, tj.KVCache.create(CFG, 2), [[1, 2]], [[0]], [2])
+  with pytest.raises(ValueError, match=r"forward: tokens has dtype float64; give integers"):
+    tj.forward(params, CFG, [[0.5, 1.0]])

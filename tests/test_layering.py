@@ -5,7 +5,10 @@ source (every `import` statement, at any depth), so an import inside a function 
 """
 
 import ast
+import os
 import pathlib
+import subprocess
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -13,15 +16,16 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAYERS = [
     ("ground", ["tarragon_jax.config", "tarragon_jax.layers", "tarragon_jax.mesh",
                 "tarragon_jax.hf_import", "tarragon_jax.checkpoint", "tarragon_jax.weights_source",
-                "tarragon_jax.training"]),
+                "tarragon_jax.training", "tarragon_jax.flax_nnx"]),
     ("worker", ["tarragon_jax.worker"]),
     ("resilience", ["tarragon_jax.resilience"]),
     ("runtime", ["tarragon_jax.runtime"]),
     ("serving", ["tarragon_jax.serving"]),
     ("experiments", ["experiments", "configs", "scripts"]),
 ]
-# The package's public API re-exports the ground (model code) only.
-PACKAGE = ("tarragon_jax", "ground")
+# The package's root is the public API: the model code, and (imported on first use) the serving
+# and training API, so it sits in the serving layer: no library module may import it.
+PACKAGE = ("tarragon_jax", "serving")
 
 
 def layer_of(module: str) -> int | None:
@@ -85,3 +89,13 @@ def test_the_layer_rule_sees_an_upward_import():
   assert layer_of("tarragon_jax.worker.datapath") < layer_of("tarragon_jax.serving.engine")
   assert layer_of("tarragon_jax.resilience.tarragon") < layer_of("tarragon_jax.runtime.local")
   assert layer_of("tarragon_jax.layers.moe") == 0 and layer_of("experiments.failover") == 5
+
+
+def test_the_root_api_imports_the_serving_stack_only_on_use():
+  code = ("import sys, tarragon_jax as tj; "
+          "assert 'tarragon_jax.serving.engine' not in sys.modules; "
+          "names = [getattr(tj, n) for n in tj._ON_USE]; "
+          "assert tj.Engine is sys.modules['tarragon_jax.serving.engine'].Engine; "
+          "assert set(tj._ON_USE) <= set(dir(tj)) and set(tj._ON_USE) <= set(tj.__all__)")
+  subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+                 env=dict(os.environ, JAX_PLATFORMS="cpu"))

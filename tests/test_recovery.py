@@ -211,3 +211,15 @@ def test_a_bf16_engine_restores_and_fails_over_with_its_fault_free_tokens():
   faulty, restored, archived = serve("kill:aw1@step=12; kill:ew1@step=16,layer=2")
   assert faulty == clean
   assert restored and archived is not None and archived[0].dtype == jax.numpy.bfloat16
+
+
+def test_a_global_restart_recompiles_the_engine_but_not_the_users_functions():
+  """The baseline drops every executable its workers compiled, and nothing else of the
+  process's: a user's jitted function stays compiled."""
+  users = jax.jit(lambda x: x * 2 + 1)
+  users(np.float32(1.0))
+  engine = _engine("kill:ew1@step=4", recovery="global_restart")
+  assert [tuple(t) for t in _serve(engine)] == _fault_free()
+  (restart,) = engine.timeline.of("global_restart")
+  assert restart["compile_s"] > 0
+  assert users._cache_size() == 1

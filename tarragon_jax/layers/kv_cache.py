@@ -26,15 +26,15 @@ class KVCache:
   lengths: Any  # i32[S], tokens stored in each slot (0 = empty)
 
   @classmethod
-  def create(cls, cfg: ModelConfig, num_slots: int, max_len: int | None = None,
+  def create(cls, config: ModelConfig, num_slots: int, max_len: int | None = None,
              sharding=None) -> KVCache:
-    """An empty cache of `num_slots` slots of `max_len` (default cfg.max_seq_len) tokens."""
+    """An empty cache of `num_slots` slots of `max_len` (default config.max_seq_len) tokens."""
     if num_slots <= 0:
       raise ValueError(f"KVCache: num_slots={num_slots} must be > 0")
-    max_len = cfg.max_seq_len if max_len is None else max_len
-    shape = (cfg.num_layers, num_slots, max_len, cfg.num_kv_heads, cfg.head_dim)
-    k = jnp.zeros(shape, jnp.dtype(cfg.dtype), device=sharding)
-    v = jnp.zeros(shape, jnp.dtype(cfg.dtype), device=sharding)
+    max_len = config.max_seq_len if max_len is None else max_len
+    shape = (config.num_layers, num_slots, max_len, config.num_kv_heads, config.head_dim)
+    k = jnp.zeros(shape, jnp.dtype(config.dtype), device=sharding)
+    v = jnp.zeros(shape, jnp.dtype(config.dtype), device=sharding)
     return cls(k, v, jnp.zeros((num_slots,), jnp.int32, device=sharding))
 
   @property

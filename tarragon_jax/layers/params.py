@@ -157,9 +157,9 @@ def _map_specs(fn: Callable[[ParamSpec], Any], specs: ModelParams):
   return jax.tree.map(fn, specs, is_leaf=_is_spec)
 
 
-def logical_axes(cfg: ModelConfig) -> ModelParams:
+def logical_axes(config: ModelConfig) -> ModelParams:
   """Tree of logical-axis tuples, one per weight, for building shardings."""
-  return _map_specs(lambda s: s.axes, param_specs(cfg))
+  return _map_specs(lambda s: s.axes, param_specs(config))
 
 
 def abstract_params(cfg: ModelConfig, shardings=None) -> ModelParams:
@@ -172,12 +172,12 @@ def abstract_params(cfg: ModelConfig, shardings=None) -> ModelParams:
                       abstract, shardings)
 
 
-def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 1.0) -> ModelParams:
+def init_params(config: ModelConfig, key: jax.Array, scale: float = 1.0) -> ModelParams:
   """Seeded random parameters: normal(0, scale / sqrt(fan_in)) weights, unit norms, zero biases."""
-  specs = param_specs(cfg)
+  specs = param_specs(config)
   leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
   keys = jax.random.split(key, len(leaves))
-  dtype = jnp.dtype(cfg.dtype)
+  dtype = jnp.dtype(config.dtype)
 
   def make(spec: ParamSpec, k):
     if spec.init == "ones":

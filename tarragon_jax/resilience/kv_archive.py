@@ -8,13 +8,11 @@ Layout under the archive directory, readable with the standard tensorstore/zarr 
   commits.json   {"<request id>": {"slot": r, "n": n}}: positions [0, n) of that request are
                  on disk in kv[r]
 
-Background writes must stay cheap: the tensorstore I/O threads share the CPU with serving.
-Hence one array opened once (creating zarr arrays per request cost ~15% of decode throughput
-on the 2-core machines) and one transaction per flush (about 10x less CPU than one write per
-request). `commits.json` is replaced atomically (tensorstore's file kvstore, asynchronously:
-a slow disk never holds up the store's thread) and only after the transaction it covers has
-committed, so a reader never sees a commit whose data is missing.
-"""
+Background writes must stay cheap: the tensorstore I/O threads share the CPU with serving. Hence
+one array opened once (not a zarr array per request: creating one is dear) and one transaction per
+flush (not one write per request). `commits.json` is replaced atomically (tensorstore's file
+kvstore, asynchronously: a slow disk never holds up the store's thread) and only after the
+transaction it covers has committed, so a reader never sees a commit whose data is missing. """
 
 from __future__ import annotations
 
@@ -81,7 +79,7 @@ class KVArchive:
   def write(self, rids: list[int], lo: int, kv: np.ndarray):
     """Queues positions [lo, lo + n) of requests `rids`; kv [len(rids), 2, L, n, K, H] (k, v).
 
-    One tensorstore write for all of them (a write costs ~90 us of the store's thread, so a
+    One tensorstore write for all of them (a write has a fixed cost on the store's thread, so a
     flush writes each range of positions once, not once per request).
     """
     for rid in rids:

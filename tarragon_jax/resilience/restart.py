@@ -1,10 +1,10 @@
 """The global restart (`RestartAll`), as a MegaScale-like system does it.
 
-Stop every worker and delete all of its arrays (KV caches included), clear every compiled
-executable, reload the weights from the checkpoint, carve cells from the surviving devices,
-rebuild the workers, compile, and recompute every in-flight request from its prompt (tokens the
-client already has are recomputed, checked and dropped by its stream). Each phase is timed;
-nothing sleeps.
+Stop every worker and delete all of its arrays (KV caches included), clear every
+executable the workers compiled (not the user's own jitted functions), reload the weights from
+the checkpoint, carve cells from the surviving devices, rebuild the workers, compile, and
+recompute every in-flight request from its prompt (tokens the client already has are recomputed,
+checked and dropped by its stream). Each phase is timed; nothing sleeps.
 
 Advantages it gets, as a real JAX deployment would have them: the persistent compilation cache
 (when the launcher enables it), weights on local disk, and in the local runtime no process
@@ -22,6 +22,7 @@ from tarragon_jax.mesh.cells import CellPlan
 from tarragon_jax.weights_source import load_weights
 from tarragon_jax.worker.calls import wait
 from tarragon_jax.worker.requests import Phase
+from tarragon_jax.worker.workers import clear_compiled
 
 
 def fit_plan(plan: CellPlan, num_devices: int, failed_kinds) -> CellPlan:
@@ -73,7 +74,7 @@ def restart_all(recovery, shrink=()) -> dict | None:
     state.store.stop()
     state.store = None
   phase("teardown_s")
-  jax.clear_caches()  # 2. every compiled executable
+  clear_compiled()  # 2. every executable the workers compiled (not the user's own)
   phase("clear_caches_s")
   if plan is None:
     _cannot_serve(e, f"the global restart cannot rebuild the cluster: {cause}")

@@ -136,8 +136,8 @@ class RoutingTable:
 
     `place` puts each EW's primaries first and its shadows after them. While the table routes
     no expert beyond the slots that `base` (the placement's table) serves from, an EW computes
-    only those: its idle shadows cost nothing (computed, they made a fault-free step ~4 %
-    slower). Once a shadow serves, the EW computes every slot. Two sizes per EW, so that both
+    only those: its idle shadows cost nothing (computing them would slow every fault-free
+    step). Once a shadow serves, the EW computes every slot. Two sizes per EW, so that both
     are compiled up front and a failover compiles nothing.
     """
     now = self.slots_in_use(num_ew)

@@ -124,10 +124,8 @@ class SnapshotStore(FaultDomain):
     self.stopped = False  # `stop` was called: the end of serving, not a failure
     self.flush_interval_s = flush_interval_s
     # The thread applies what queued up in this long (unless hurried: a restore or `settle`
-    # calls `mark`), at most one flush interval (a flush follows a batch). Each wake-up of the
-    # thread costs ~0.2 ms of CPU on the 2-core machines and a step applied in a long batch
-    # ~30 % less than in a short one: 0.2 s batches took the store's CPU from ~2 % to ~1 % of
-    # a decode run's time (0.05 s batches before).
+    # calls `mark`), at most one flush interval (a flush follows a batch): each wake-up has a
+    # fixed CPU cost, and a step applied in a long batch costs less than in a short one.
     self.batch_s = min(batch_interval_s, flush_interval_s)
     self._hurry = threading.Event()
     self.archive = KVArchive(directory, cfg, chunk=durable_chunk)
@@ -463,8 +461,8 @@ class SnapshotStore(FaultDomain):
 
     Whole chunks only: a partial chunk would make tensorstore read the chunk back before
     writing it. The durable tier therefore lags the host tier by < one chunk + one interval;
-    each chunk is one file, so the chunk sets the tier's cost (16 positions cost ~5 % of a
-    1.4 s decode run's CPU on 2 cores, 64 positions < 1 %).
+    each chunk is one file, so the chunk size sets the tier's cost (`experiments.
+    snapshot_overhead` measures it).
     """
     if self.archive.flushing:
       return

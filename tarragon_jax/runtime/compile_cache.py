@@ -12,8 +12,8 @@ DEFAULT_COMPILE_CACHE = os.environ.get("TARRAGON_JAX_CACHE", "/tmp/tarragon_jax_
 def enable_compile_cache(path: str | None):
   """Persists every compiled executable under `path` (None or '' leaves caching off).
 
-  Each worker cell compiles its own executables; a warm cache turns ~20 s of compiles per
-  engine shape into ~2 s of loads.
+  Each worker cell compiles its own executables; a warm cache turns those compiles into loads,
+  an order of magnitude faster.
   """
   if not path:
     return

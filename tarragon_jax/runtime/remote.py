@@ -186,9 +186,9 @@ class ProcessRuntime:
                transport: str = "zmq"):
     """`transport`: how activations go between worker processes, one of `TRANSPORTS`: "zmq"
     (host arrays over ZeroMQ, `ZmqPlane`) or "transfer" (pulls with jax.experimental.transfer,
-    `TransferPlane`). "zmq" is the default on every platform: on CPU "transfer" gave 0.48x its
-    throughput (docs/results.md); on GPU "transfer" moves arrays device to device, not yet
-    measured."""
+    `TransferPlane`). "zmq" is the default on every platform: on CPU it is the faster of the two
+    (docs/results.md, "Process runtime"); on GPU "transfer" moves arrays device to device and
+    may win there (`experiments.failover --config.runtime=process` compares both)."""
     if transport not in TRANSPORTS:
       raise ValueError(f"ProcessRuntime: transport={transport!r}; use one of {TRANSPORTS}")
     self.spawner = spawner or LocalSpawner()

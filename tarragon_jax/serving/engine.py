@@ -90,6 +90,7 @@ class Engine(LayerExchange, Frontend):
     self.iteration = 0
     self.seq_lens: set[int] = {1}  # step lengths T seen so far (replacements compile them)
     self.hot_cells: set[tuple] = set()  # (kind, devices) compiled for by `warm_up`
+    self.warmed, self._warned_cold = False, False  # `warm_up` called; said it was not
     self._logged: dict[int, tuple] = {}  # aw -> (store, seq, rows) of its last step logged
     self.state: ClusterState | None = None  # the cluster, as the control plane knows it
     self.build(params, self.devices)
@@ -319,6 +320,11 @@ class Engine(LayerExchange, Frontend):
       Whatever an `on_token` callback raises (the step itself is complete).
     """
     self._check_open("step")
+    if self.injector.pending and not self.warmed and not self._warned_cold:
+      self._warned_cold = True
+      logging.warning("faults are armed but Engine.warm_up() was not called: the failover will "
+                      "compile what it needs (replay, restore, replacements) inside the stall "
+                      "it measures; call warm_up() before serving")
     self._deliver()
     try:
       ran = self._step()
@@ -362,14 +368,13 @@ class Engine(LayerExchange, Frontend):
     """Sends AW `a`'s step to the store: its rows, or None where they are the rows of the AW's
     previous step to this store, each one token on (a decode step of an unchanged batch).
 
-    The KV of a CPU cell goes as a host copy, made here once the step's tokens are in (its
-    device work is done; a memcpy, ~3 us a step of the tiny model): a store that held the
-    device buffers for a batch and copied them in its own thread cost ~1.4 % more of the
-    fault-free throughput on 2 cores. An accelerator's KV goes as the device array, whose copy
+    The KV of a CPU cell goes as a host copy, made here once the step's tokens are in (its device
+    work is done: a memcpy), which is cheaper than the store holding device buffers for a batch
+    and copying them in its own thread. An accelerator's KV goes as the device array, whose copy
     to the host the AW started when it sampled (`copy_to_host_async`): the store's thread only
-    waits for it, and the serving thread never does. In the
-    process runtime the AW has sent its KV to the store itself: `kv` is then {"from": its
-    data-plane address}, and no KV passes through here.
+    waits for it, and the serving thread never does. In the process runtime the AW has sent its
+    KV to the store itself: `kv` is then {"from": its data-plane address}, and no KV passes
+    through here.
     """
     if self.state.store is None:
       return
@@ -420,6 +425,7 @@ class Engine(LayerExchange, Frontend):
                          "KV slots)")
     if seq_lens is None:
       seq_lens = [1] + all_buckets(self.engine_cfg.min_prefill_bucket, self.cfg.max_seq_len)
+    self.warmed = True
     self.seq_lens |= set(seq_lens)
     self.warm_workers(self.state.aws + self.state.ews)
     # Hot spares: compile on the spare devices too, so a replacement built there after a

@@ -9,9 +9,8 @@ layer nor a rerouted expert compiles anything.
 An AW's buffer for one EW is one array [C, D + 2]: each row a token's normalized MoE input
 followed by the EW-local expert slot it goes to, as two base-256 digits of slot + 1 in the model
 dtype (integers below 256 are exact even in bfloat16; 0: an empty row). One array per (AW, EW)
-pair and layer, not two: on the CPU cells every cross-cell array costs ~50 us of `device_put`,
-whatever its size. (Bit-casting the i32 ids instead is not safe: XLA canonicalizes bfloat16
-NaN patterns in a concatenate.)
+pair and layer, not two: a cross-cell array has a fixed cost whatever its size. (The ids are
+digits, not bit-cast i32: XLA may canonicalize a bfloat16 NaN pattern in a concatenate.)
 
 Legend: B rows, T tokens per row, M = B*T tokens, X top-k, D model, W expert workers,
 C = M*X buffer capacity per EW (every assignment fits even if all go to one EW), S slots per
@@ -213,9 +212,9 @@ def _new_kv(cache: KVCache, slots, T: int):
 
   Up to LOOP_POSITIONS positions (decode steps of the usual batches) one at a time in a loop,
   more with one gather (`gathered_kv`): XLA's CPU cost model prices a gather by its whole
-  operand (the cache) and splits it over two threads, which on 2 cores costs a decode step of 8
-  rows ~8-27 us more than the loop; with 128 positions (8 rows x 16) the loop's iterations cost
-  as much or more (`experiments/bench_snapshot_kv.py`).
+  operand (the cache) and splits it over threads, which makes a small gather dearer than the
+  loop; past LOOP_POSITIONS the loop's iterations cost more
+  (`experiments/bench_snapshot_kv.py` measures both).
   """
   if slots.shape[0] * T > LOOP_POSITIONS:
     return gathered_kv(cache, slots, T)
@@ -235,3 +234,11 @@ def gathered_kv(cache: KVCache, slots, T: int):
 def _new_positions(cache: KVCache, slots, T: int):
   """i32[B, T]: each row's next T positions, clamped to the cache's last."""
   return jnp.minimum(cache.lengths[slots][:, None] + jnp.arange(T)[None, :], cache.max_len - 1)
+
+
+def clear_compiled():
+  """Drops every executable this module compiled in this process (a global restart's
+  "recompile everything"); the user's own jitted functions keep theirs."""
+  for fn in (aw_attend_and_pack, aw_combine, ew_experts, aw_embed, aw_restore, aw_cache_copy,
+             aw_finish):
+    fn.clear_cache()
