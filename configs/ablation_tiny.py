@@ -4,7 +4,7 @@ throughput with each component switched off in turn, against all on and the glob
 About 3 minutes on 2 CPU cores; prints the table and writes results.jsonl, summary.json and
 ablation.png under `workdir`:
 
-  PYTHONPATH=. python -m experiments.ablation --config=configs/ablation_tiny.py
+  python -m experiments.ablation --config=configs/ablation_tiny.py
 
 Override any field, e.g. `--config.reps=9` or `--config.variants=all_on,no_snapshots,
 global_restart` (all_on and global_restart are always run: the ratios are taken to them).

@@ -1,6 +1,6 @@
 """Failure detection on real worker processes, quiet and beside CPU burners:
 
-  PYTHONPATH=. python -m experiments.bench_detection --config=configs/bench_detection.py
+  python -m experiments.bench_detection --config=configs/bench_detection.py
 
 About 4 minutes on 2 CPU cores. Prints, per load and detector, the false declarations of healthy
 workers and the SIGKILL / SIGSTOP detection latencies (median, p95); writes results.jsonl and

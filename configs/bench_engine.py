@@ -1,7 +1,7 @@
 """Decode throughput of the disaggregated engine (4 AW + 4 EW) vs the co-located model, and the
 per-layer cost of the cross-cell transfers, on the tiny MoE and 8 CPU devices:
 
-  PYTHONPATH=. python -m experiments.bench_engine --config=configs/bench_engine.py
+  python -m experiments.bench_engine --config=configs/bench_engine.py
 
 About a minute on 2 CPU cores. Override any field, e.g. `--config.reps=3 --config.decode_steps=16`.
 """

@@ -3,7 +3,7 @@
 Decode tokens/s and the fraction of the measured memory bandwidth, at batch 1 and 16, for the
 ragged and capacity expert kernels; no torch, no checkpoint. Well under a minute on 2 cores:
 
-  PYTHONPATH=. python -m experiments.bench_model --config=configs/bench_model_roofline.py
+  python -m experiments.bench_model --config=configs/bench_model_roofline.py
 
 The real shapes run the same way on a GPU host: configs/qwen3_moe.py, configs/mixtral_8x7b.py.
 """

@@ -1,7 +1,7 @@
 """The cost of taking each step's KV for the snapshot store in an AW's last call (sampling):
 no snapshots vs the library's extraction vs one gather, on the tiny MoE:
 
-  PYTHONPATH=. python -m experiments.bench_snapshot_kv --config=configs/bench_snapshot_kv.py
+  python -m experiments.bench_snapshot_kv --config=configs/bench_snapshot_kv.py
 
 About 30 seconds on 2 CPU cores. Override any field, e.g. `--config.reps=5 --config.calls=20`.
 """

@@ -2,7 +2,7 @@
 
 About 20 s on 2 CPU cores; prints round-trip medians and writes results.jsonl:
 
-  PYTHONPATH=. python -m experiments.bench_transport --config=configs/bench_transport.py
+  python -m experiments.bench_transport --config=configs/bench_transport.py
 """
 
 import ml_collections

@@ -2,7 +2,7 @@
 checked against one AW and one EW failure with Tarragon and with the global restart, then
 extrapolated to the paper's setting and to a DeepSeek-V3-sized model:
 
-  PYTHONPATH=. python -m experiments.cost_model --config=configs/cost_model_tiny.py
+  python -m experiments.cost_model --config=configs/cost_model_tiny.py
 
 About a minute on 2 CPU cores; prints predicted vs measured stalls per term and the
 extrapolations, and writes results.jsonl, summary.json and cost_model.png under `workdir`.

@@ -2,7 +2,7 @@
 GPU and a model large enough (1.1 GB of weights) that the baseline's restart reloads and
 recompiles for real:
 
-  JAX_PLATFORMS=cpu PYTHONPATH=. python -m experiments.failover --config=configs/failover_gpu.py \
+  JAX_PLATFORMS=cpu python -m experiments.failover --config=configs/failover_gpu.py \
     --config.devices=<GPUs on the host>
 
 The driver computes nothing on the GPU (JAX_PLATFORMS=cpu: its local-runtime comparison needs 8

@@ -48,10 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Fault-free throughput: `throughput_requests` arrive at once and each generates
   # `throughput_output_len` tokens; `reps` interleaved repetitions of (snapshots on, snapshots
   # off, baseline), engines rebuilt every `rebuild_every` repetitions (0: never), medians
-  # reported. The per-repetition ratio of two identical variants spreads ~9-12 % (sd) on 2
-  # cores: many short repetitions pin the median better than few long ones (60 put its 95 %
-  # interval at +-1.2 to +-1.7 % on a quiet machine, +-3 % on a busy one). 64 tokens: each run
-  # also writes the durable tier (one 64-position chunk per request).
+  # reported with a 95 % bootstrap interval. On a small shared host one repetition's ratio is
+  # noisy: many short repetitions pin the median better than few long ones. 64 tokens: each
+  # run also writes the durable tier (one 64-position chunk per request).
   c.throughput_requests = 24
   c.throughput_output_len = 64
   c.reps = 60

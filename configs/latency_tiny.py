@@ -6,7 +6,7 @@ About 3 minutes on 2 CPU cores with a warm compilation cache (about 4 on a busy 
 cold one); prints the table and writes results.jsonl, summary.json and latency_<workload>.png
 under `workdir`:
 
-  PYTHONPATH=. python -m experiments.latency --config=configs/latency_tiny.py
+  python -m experiments.latency --config=configs/latency_tiny.py
 
 Override any field, e.g. `--config.rates="(2.0, 6.0)" --config.workloads="('random',)"` or
 `--config.arrival_s=10`.

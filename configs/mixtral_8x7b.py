@@ -4,13 +4,13 @@ Real weights come from a Hugging Face checkpoint (`tarragon_jax.load_hf_checkpoi
 benchmark makes random ones on the GPU instead (nothing is downloaded). 93 GB of weights and an
 8.6 GB KV cache (batch 64, 1032 positions) do not fit an 80 GB H100; on a 141 GB H200:
 
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python -m experiments.bench_model \
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python -m experiments.bench_model \
     --config=configs/mixtral_8x7b.py
 
 (scripts/device_check.sh runs it where the GPU has the memory). Never instantiated on CPU;
 check that it is a valid ModelConfig with:
 
-  PYTHONPATH=. python -c "from configs import mixtral_8x7b as m; \
+  python -c "from configs import mixtral_8x7b as m; \
 from experiments.launch_config import model_config; print(model_config(m.get_config()))"
 """
 

@@ -5,7 +5,7 @@ replaced).
 About 3 minutes on 2 CPU cores; prints the table and writes results.jsonl, summary.json,
 timeline_<run>.jsonl and multi_failure.png under `workdir`:
 
-  PYTHONPATH=. python -m experiments.multi_failure --config=configs/multi_failure_tiny.py
+  python -m experiments.multi_failure --config=configs/multi_failure_tiny.py
 
 Each scenario is a fault schedule (the `--config.faults` syntax of experiments/serve.py) in
 which `{t}` is `fault_at_s` and `{t2}` is `fault_at_s + gap_s`. Override any field, e.g.

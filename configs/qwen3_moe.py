@@ -5,13 +5,13 @@ Hugging Face checkpoint (`tarragon_jax.load_hf_checkpoint`); the benchmark makes
 the GPU instead (nothing is downloaded). 61 GB of weights and a 6.5 GB KV cache (batch 64, 1032
 positions) fit an 80 GB H100 only once JAX may take more than its default 75% of the memory:
 
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python -m experiments.bench_model \
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python -m experiments.bench_model \
     --config=configs/qwen3_moe.py
 
 scripts/device_check.sh runs it on an 80 GB card (most of its time is compiling, 2 batch sizes x
 6 kernel variants). Never instantiated on CPU; check that it is a valid ModelConfig with:
 
-  PYTHONPATH=. python -c "from configs import qwen3_moe as m; \
+  python -c "from configs import qwen3_moe as m; \
 from experiments.launch_config import model_config; print(model_config(m.get_config()))"
 """
 

@@ -3,7 +3,7 @@
 One CPU device, the tiny MoE; under a minute on 2 CPU cores. Prints the table and writes
 results.jsonl, summary.json and replay.png under `workdir`:
 
-  PYTHONPATH=. python -m experiments.replay --config=configs/replay_tiny.py
+  python -m experiments.replay --config=configs/replay_tiny.py
 
 `--config=configs/replay_tiny.py:small` runs a larger (still small) model whose KV is 1/8 of its
 AW<->EW traffic per token, as Mixtral-8x7B's is (the tiny model's is 1/4): about 75 s on 2 CPU

@@ -3,7 +3,7 @@
 About a minute on 2 CPU cores (warm-up, a ~20 s real-time run, then the greedy reference check);
 writes summary.json and tokens.jsonl under `workdir`:
 
-  PYTHONPATH=. python -m experiments.serve --config=configs/serve_tiny.py
+  python -m experiments.serve --config=configs/serve_tiny.py
 
 Override any field, e.g. `--config.workload.kind=sharegpt --config.workload.rate=4`, inject
 failures with `--config.faults="kill:ew1@t=5; kill:aw2@t=9"` (greedy tokens must still equal

@@ -6,7 +6,7 @@ on vs off, pause-and-snapshot every 8 tokens 2.15x slower).
 About 2-3 minutes on 2 CPU cores; prints a table and writes results.jsonl, summary.json and
 snapshot_overhead.png under `workdir`:
 
-  PYTHONPATH=. python -m experiments.snapshot_overhead --config=configs/snapshot_overhead_tiny.py
+  python -m experiments.snapshot_overhead --config=configs/snapshot_overhead_tiny.py
 
 Override any field, e.g. `--config.reps=9 --config.pause_every=16`.
 """

@@ -4,7 +4,7 @@ Bounded and self-stopping; 10 minutes by default on 2 CPU cores, then the greedy
 sample of requests against the single-device reference. Writes results.jsonl, summary.json
 and timeline.jsonl under `workdir`:
 
-  PYTHONPATH=. python -m experiments.soak --config=configs/soak_tiny.py
+  python -m experiments.soak --config=configs/soak_tiny.py
 
 A quick look: `--config.duration_s=30`. Under CPU load (false declarations of healthy workers are
 reported): `--config.burners=2`.

@@ -2,7 +2,7 @@
 
 Byte-level vocabulary, 2 layers, 8 experts top-2. Run the model benchmark on it with:
 
-  PYTHONPATH=. python -m experiments.bench_model --config=configs/tiny.py
+  python -m experiments.bench_model --config=configs/tiny.py
 
 Any field can be overridden, e.g. `--config.model.num_layers=4 --config.batch_size=16`.
 """

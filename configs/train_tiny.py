@@ -3,7 +3,7 @@
 About a minute on 2 CPU cores; writes metrics.jsonl, loss.png, summary.json and an orbax
 checkpoint under `workdir`:
 
-  PYTHONPATH=. python -m experiments.train --config=configs/train_tiny.py
+  python -m experiments.train --config=configs/train_tiny.py
 
 Override any field, e.g. `--config.steps=50 --config.workdir=/tmp/train`.
 """

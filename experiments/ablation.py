@@ -1,6 +1,6 @@
 """Ablation: fault-free throughput with each resilience component switched off in turn.
 
-  PYTHONPATH=. python -m experiments.ablation --config=configs/ablation_tiny.py
+  python -m experiments.ablation --config=configs/ablation_tiny.py
 
 Closed loop (every request at t = 0, greedy), output tokens/s of each variant in `reps`
 interleaved repetitions (the order reversed every other repetition), medians reported, and the
@@ -36,7 +36,7 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX use: AW and EW cells are carved
 
 import numpy as np  # noqa: E402
-from absl import app, logging  # noqa: E402
+from absl import app  # noqa: E402
 
 import tarragon_jax as tj  # noqa: E402
 from experiments import launch_config  # noqa: E402
@@ -128,7 +128,7 @@ def main(argv):
       records.append(dict(run="throughput", variant=name, rep=rep, seconds=seconds,
                           output_tokens=sum(map(len, outputs[name])),
                           throughput_tok_s=sum(map(len, outputs[name])) / seconds))
-      logging.info("%s rep %d: %.0f tok/s", name, rep, records[-1]["throughput_tok_s"])
+      launch_config.progress("%s rep %d: %.0f tok/s", name, rep, records[-1]["throughput_tok_s"])
     for r in records[-len(names):]:
       r["tokens_match_all_on"] = outputs[r["variant"]] == outputs[REFERENCE]
   for name, engine in engines.items():

@@ -1,6 +1,6 @@
 """Failure detection on real worker processes: false alarms and detection latency, under load.
 
-  PYTHONPATH=. python -m experiments.bench_detection --config=configs/bench_detection.py
+  python -m experiments.bench_detection --config=configs/bench_detection.py
 
 Worker processes (`tarragon_jax.runtime.host`, started by `LocalSpawner`) are reached through
 `RemoteWorker` proxies, with the heartbeat settings of the process runtime. For each load

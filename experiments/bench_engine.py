@@ -1,6 +1,6 @@
 """Disaggregated engine vs co-located model: decode throughput and per-layer transfer cost.
 
-  PYTHONPATH=. python -m experiments.bench_engine --config=configs/bench_engine.py
+  python -m experiments.bench_engine --config=configs/bench_engine.py
 
 In one process on 8 CPU devices, with the same model, batch and tokens:
 - decode tokens/s of the Engine (num_aw AW + num_ew EW cells; `Engine.step` per token, which

@@ -1,6 +1,6 @@
 """What taking a step's KV for the snapshot store costs an attention worker's last call.
 
-  PYTHONPATH=. python -m experiments.bench_snapshot_kv --config=configs/bench_snapshot_kv.py
+  python -m experiments.bench_snapshot_kv --config=configs/bench_snapshot_kv.py
 
 `datapath.aw_finish` (sampling, and with snapshots the step's new KV of every layer) timed on one
 CPU device, the sampled tokens fetched after every call as the engine does, for each step length

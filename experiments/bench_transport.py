@@ -1,6 +1,6 @@
 """Round trips between independent JAX processes: ZeroMQ channels vs multiprocessing pipes.
 
-  PYTHONPATH=. python -m experiments.bench_transport --config=configs/bench_transport.py
+  python -m experiments.bench_transport --config=configs/bench_transport.py
 
 A peer process with its own JAX runtime (one CPU device) answers: a request without arrays, and
 an array round

@@ -1,6 +1,6 @@
 """The stall cost model: calibrated here, checked against measured failures, extrapolated.
 
-  PYTHONPATH=. python -m experiments.cost_model --config=configs/cost_model_tiny.py
+  python -m experiments.cost_model --config=configs/cost_model_tiny.py
 
 1. Calibrates the terms (T_w, t_pre, t_dec, restore, ...) on this machine for the config's
    engine shape (`experiments.stall_model.calibrate`).
@@ -393,7 +393,7 @@ def main(argv):
   weights_dir = os.path.dirname(save_checkpoint(os.path.join(workdir, "weights"), params, cfg))
   spawner = LocalSpawner(cd.slots, cd.platform) if shape["runtime"] == "process" else None
   try:
-    logging.info("calibrating (%s runtime)", shape["runtime"])
+    launch_config.progress("calibrating (%s runtime)", shape["runtime"])
     here, details = cm.calibrate(
         cfg, params, _engine_cfg(shape, "tarragon", True, weights_dir),
         runtime=_runtime(spawner), num_requests=cd.requests, prompt_len=shape["prompt_len"],
@@ -405,7 +405,7 @@ def main(argv):
       for rep in range(cd.failure_reps):  # interleaved: the machine's drift spreads over all
         for mode in ("global_restart", "tarragon"):
           for kind in ("aw", "ew"):
-            logging.info("failure run %s %s, repetition %d", mode, kind, rep)
+            launch_config.progress("failure run %s %s, repetition %d", mode, kind, rep)
             all_runs.append(dict(_failure_run(cd, shape, params, weights_dir, spawner, mode,
                                               kind), rep=rep))
       runs = [_median_run([r for r in all_runs if r["run"] == name])

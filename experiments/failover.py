@@ -45,6 +45,7 @@ from tarragon_jax.serving.metrics import compile_count, fault_stalls  # noqa: E4
 
 _CONFIG, _WORKDIR, _CACHE = launch_config.define_flags("configs/failover_tiny.py")
 _BIN_S = 0.25
+_ZOOM_S, _FINE_BIN_S = 0.2, 0.01  # timeline.png's second row: +-0.2 s in 10 ms bins
 MODES = ("tarragon", "global_restart")
 FAULTS = ("none", "aw", "ew", "ew_hang")
 KINDS = {"aw": "AW kill", "ew": "EW kill", "ew_hang": "EW hang",  # the failure rows
@@ -136,8 +137,15 @@ def _throughput(cd, cfg, params, weights_dir, spawner) -> list[dict]:
     variants[f"{other}_transport"] = ("tarragon", True, spawner, other)
   rng = np.random.default_rng(cd.seed + 1)
   records, engines, builds = [], {}, 0
+  start = time.perf_counter()
   try:
     for rep in range(cd.reps):
+      if rep:
+        left = (time.perf_counter() - start) / rep * (cd.reps - rep)
+        print(f"  throughput rep {rep + 1}/{cd.reps} (about {left:.0f} s left)", flush=True)
+      else:
+        print(f"fault-free throughput: {cd.reps} repetitions of {len(variants)} variants",
+              flush=True)
       if not engines or (cd.rebuild_every and rep % cd.rebuild_every == 0):
         _close(engines)
         names = list(variants) if builds % 2 == 0 else list(variants)[::-1]
@@ -239,13 +247,21 @@ def _runs(cd, cfg, params, weights_dir, work, workdir, spawner):
     if reference is None:
       reference = outputs
     runs.append(record)
-    counts, edges = np.histogram(times, bins=np.arange(0.0, times.max() + 2 * _BIN_S, _BIN_S))
-    series[(mode, fault)] = (list(edges[:-1]), list(counts / _BIN_S))
+    series[(mode, fault)] = times
     if fault != "none":
       print(f"      service stall {record['service_stall_s'] * 1e3:.1f} ms, max request stall "
             f"{record['max_request_stall_s'] * 1e3:.1f} ms, tokens == fault-free: "
             f"{record['tokens_match_fault_free']}", flush=True)
   return runs, series
+
+
+def _duration(seconds: float | None) -> str:
+  """A measured duration in a unit that shows it ("-": nothing was measured)."""
+  if seconds is None:
+    return "-"
+  if seconds < 1e-3:
+    return f"{seconds * 1e6:.0f}us"
+  return f"{seconds * 1e3:.1f}ms" if seconds < 1 else f"{seconds:.2f}s"
 
 
 def _report(runs: list[dict], throughput: list[dict], cd) -> dict:
@@ -254,18 +270,18 @@ def _report(runs: list[dict], throughput: list[dict], cd) -> dict:
         f"{'restore':>9}{'tok/s':>7}{'done':>8}  tokens ==")
   print(f"{'':<25}{'stall':>9}{'stall':>9}{'tokens':>8}{'':>8}{'':>9}{'':>7}{'':>8}  fault-free")
 
-  def ms(x):
-    return "-" if x is None else f"{x * 1e3:.1f}ms"
-
+  ms = _duration
   for r in runs:
     restart = (r["restart_phases"][0]["total_s"] if r.get("restart_phases")
-               else r.get("restore_s_max"))
+               else r.get("restore_s_max") if r.get("restores") else None)
     print(f"{r['mode']:<16}{r['fault']:<9}{ms(r['service_stall_s']):>9}"
           f"{ms(r['max_request_stall_s']):>9}{r['recomputed_tokens']:>8}"
-          f"{ms(max(r.get('detection_s') or [0.0]) if r['fault'] != 'none' else None):>8}"
-          f"{ms(restart if r['fault'] != 'none' else None):>9}{r['throughput_tok_s']:>7.0f}"
+          f"{ms(max(r['detection_s']) if r.get('detection_s') else None):>8}"
+          f"{ms(restart):>9}{r['throughput_tok_s']:>7.0f}"
           f"{r['completed']:>4}/{r['requests']:<3}  {r['tokens_match_fault_free']}")
-  print("(restore: Tarragon's slowest per-request restore; for the baseline, the whole restart)")
+  print("(detect: from when the failed worker's data was due to its declaration; restore: "
+        "Tarragon's slowest per-request restore, for the baseline the whole restart; -: nothing "
+        "of the kind happened)")
   by = {(r["mode"], r["fault"]): r for r in runs}
   ratios = {}
   for kind in [k for k in KINDS if ("tarragon", k) in by]:
@@ -340,48 +356,81 @@ def _median_ratio(a: list[float], b: list[float], seed: int) -> tuple[float, lis
   return float(np.median(r)), [float(x) for x in np.percentile(boot, [2.5, 97.5])]
 
 
+def _rate(times: np.ndarray, start: float, stop: float, bin_s: float):
+  """Output tokens/s in bins of `bin_s` over [start, stop): (bin starts, rates)."""
+  edges = np.arange(start, stop + bin_s / 2, bin_s)
+  counts, _ = np.histogram(times, bins=edges)
+  return edges[:-1], counts / bin_s
+
+
 def _figures(workdir: str, runs: list[dict], series: dict, cd) -> list[str]:
-  """timeline.png (tokens/s through each failure) and stalls.png (log-scale stalls)."""
+  """timeline.png (tokens/s through each failure: the whole run, and +-0.2 s around the fault
+  at a finer bin, where Tarragon's few-millisecond stall shows) and stalls.png (both stalls per
+  failure, values and ratios written on them)."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-  for ax, kind in zip(axes, ("aw", "ew")):
-    for mode, style in zip(MODES, ("-", "--")):
-      xs, ys = series[mode, kind]
-      ax.plot(xs, ys, style, label="Tarragon" if mode == "tarragon" else "global restart")
-    xs, ys = series["tarragon", "none"]
-    ax.plot(xs, ys, ":", color="gray", label="no failure")
-    ax.axvline(cd.fault_at_s, color="red", lw=0.8, label=f"{kind.upper()} killed")
-    ax.set_xlabel("time since start (s)")
-    ax.set_title(f"{kind.upper()} failure at t = {cd.fault_at_s} s ({cd.runtime} runtime)")
-    ax.grid(alpha=0.3)
-  axes[0].set_ylabel(f"output tokens/s ({_BIN_S} s bins)")
-  axes[1].legend()
+  m = cd.model
+  scale = (f"{m.num_layers}-layer MoE (hidden {m.hidden_size}, {m.num_experts} experts top-"
+           f"{m.top_k}), {cd.num_aw} AW + {cd.num_ew} EW cells, {cd.runtime} runtime")
+  t0, zoom, fine = cd.fault_at_s, _ZOOM_S, _FINE_BIN_S
+  fig, axes = plt.subplots(2, 2, figsize=(12, 7), sharey="row")
+  for col, kind in enumerate(("aw", "ew")):
+    end = max(series[k].max() for k in series) + _BIN_S
+    for row, (lo, hi, bin_s) in enumerate(((0.0, end, _BIN_S), (t0 - zoom, t0 + zoom, fine))):
+      ax = axes[row, col]
+      for mode, style in zip(MODES, ("-", "--")):
+        ax.plot(*_rate(series[mode, kind], lo, hi, bin_s), style, drawstyle="steps-post",
+                label="Tarragon" if mode == "tarragon" else "global restart")
+      ax.plot(*_rate(series["tarragon", "none"], lo, hi, bin_s), ":", color="gray",
+              drawstyle="steps-post", label="no failure")
+      ax.axvline(t0, color="red", lw=0.8, label=f"{kind.upper()} killed")
+      ax.set_xlim(lo, hi)
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=8, loc="lower left", framealpha=0.9)
+      if row == 0:
+        ax.set_title(f"{kind.upper()} killed at t = {t0:g} s")
+        ax.set_xlabel("time since start (s)")
+      else:
+        ax.set_title(f"the same, {zoom * 1e3:.0f} ms either side of the kill")
+        ax.set_xlabel(f"time since start (s; {fine * 1e3:.0f} ms bins)")
+    axes[0, 0].set_ylabel(f"output tokens/s ({_BIN_S} s bins)")
+    axes[1, 0].set_ylabel(f"output tokens/s ({fine * 1e3:.0f} ms bins)")
+  fig.suptitle(f"Output through a failure: Tarragon vs a global restart\n{scale}", fontsize=11)
   fig.tight_layout()
   timeline = os.path.join(workdir, "timeline.png")
   fig.savefig(timeline, dpi=120)
   plt.close(fig)
 
   by = {(r["mode"], r["fault"]): r for r in runs}
-  fig, ax = plt.subplots(figsize=(9, 4))
   kinds = [k for k in KINDS if ("tarragon", k) in by]
-  labels = [f"{KINDS[k]}\n{what}" for k in kinds for what in ("service", "request")]
-  x = np.arange(len(labels))
-  for i, mode in enumerate(MODES):
-    ys = [by[mode, kind][key] or 0.0 for kind in kinds
-          for key in ("service_stall_s", "max_request_stall_s")]
-    ax.bar(x + (i - 0.5) * 0.4, np.maximum(np.asarray(ys) * 1e3, 1e-3), 0.4,
-           label="Tarragon" if mode == "tarragon" else "global restart")
-  ax.set_xticks(x, labels)
-  ax.set_yscale("log")
-  ax.set_ylabel("stall (ms, log scale)")
-  ax.set_title("service stall and max request stall per failure")
-  ax.legend()
-  ax.grid(alpha=0.3, axis="y")
-  fig.tight_layout()
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+  for ax, (key, what) in zip(axes, (("service_stall_s", "service stall"),
+                                    ("max_request_stall_s", "max request stall"))):
+    x = np.arange(len(kinds))
+    values = {mode: [by[mode, k][key] for k in kinds] for mode in MODES}
+    for i, mode in enumerate(MODES):
+      ms = [1e3 * (v or 0.0) for v in values[mode]]
+      bars = ax.bar(x + (i - 0.5) * 0.4, np.maximum(ms, 1e-2), 0.4,
+                    label="Tarragon" if mode == "tarragon" else "global restart")
+      ax.bar_label(bars, labels=[_duration(v) for v in values[mode]], fontsize=8)
+    for j, (t, g) in enumerate(zip(values["tarragon"], values["global_restart"])):
+      if t and g:  # the ratio above the pair
+        ax.annotate(f"{g / t:.0f}x", (x[j], 1e3 * g * 2.2), ha="center", fontsize=10,
+                    fontweight="bold")
+    ax.set_xticks(x, [KINDS[k] for k in kinds])
+    ax.set_yscale("log")
+    ax.set_ylim(top=max(1e3 * (v or 1.0) for vs in values.values() for v in vs) * 8)
+    ax.set_ylabel(f"{what} (ms, log scale)")
+    ax.set_title(what)
+    ax.grid(alpha=0.3, axis="y")
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="upper right", ncol=2)
+  fig.suptitle(f"Stalls per failure (baseline / Tarragon above each pair)\n{scale}",
+               fontsize=11, x=0.4)
+  fig.tight_layout(rect=(0, 0, 1, 0.95))
   stalls = os.path.join(workdir, "stalls.png")
   fig.savefig(stalls, dpi=120)
   plt.close(fig)

@@ -1,6 +1,6 @@
 """Fault-free TTFT, TBT and throughput vs arrival rate: Tarragon vs the global-restart baseline.
 
-  PYTHONPATH=. python -m experiments.latency --config=configs/latency_tiny.py
+  python -m experiments.latency --config=configs/latency_tiny.py
 
 The paper's Fig. 10-11 at small scale. For each workload ("random", "sharegpt") it builds one
 engine per mode, Tarragon (snapshots on) and the MegaScale-like baseline (global restart, no
@@ -21,7 +21,7 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX use: AW and EW cells are carved
 
 import numpy as np  # noqa: E402
-from absl import app, logging  # noqa: E402
+from absl import app  # noqa: E402
 
 import tarragon_jax as tj  # noqa: E402
 from experiments import launch_config  # noqa: E402
@@ -89,8 +89,8 @@ def _sweep(cd, cfg, params, weights_dir, kind: str) -> tuple[list[dict], dict]:
       requests = wl.warm_up(engines[mode], [r for work in works.values() for r in work])
       warmup[mode] = dict(seconds=time.perf_counter() - start, requests=requests,
                           compiles=compile_count() - compiles)
-      logging.info("%s %s: built and warmed up in %.1f s (%d compilations)", kind, mode,
-                   warmup[mode]["seconds"], warmup[mode]["compiles"])
+      launch_config.progress("%s %s: built and warmed up in %.1f s (%d compilations)", kind, mode,
+                             warmup[mode]["seconds"], warmup[mode]["compiles"])
     records = []
     for i, (rate, work) in enumerate(works.items()):
       order = list(MODES) if i % 2 == 0 else list(MODES)[::-1]
@@ -104,8 +104,8 @@ def _sweep(cd, cfg, params, weights_dir, kind: str) -> tuple[list[dict], dict]:
                       mean_output_len=float(np.mean([r.max_new_tokens for _, r in work])),
                       **result.summary(engine))
         records.append(record)
-        logging.info("%s %s %.1f req/s: %s", kind, mode, rate,
-                     {k: round(record[k], 4) for k in METRICS})
+        launch_config.progress("%s %s %.1f req/s: %s", kind, mode, rate,
+                               {k: round(record[k], 4) for k in METRICS})
   finally:
     for engine in engines.values():
       engine.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import shlex
@@ -20,8 +21,10 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import jax
+import jaxlib
 import ml_collections
-from absl import flags
+from absl import flags, logging
 from ml_collections import config_dict, config_flags
 
 from tarragon_jax.config import ModelConfig
@@ -51,11 +54,17 @@ def model_dict(**fields) -> ml_collections.ConfigDict:
   return out
 
 
-def define_flags(default_config: str, cache: bool = True):
+def define_flags(default_config: str, cache: bool = True,
+                 required: tuple[str, ...] | None = None):
   """The flags every launcher takes: `--config` (a config file, fields overridable as
-  `--config.field=value`), `--workdir` (default: the config's `workdir`) and, with `cache`,
+  `--config.field=value`; it must have the `required` fields, default: every field of
+  `default_config`), `--workdir` (default: the config's `workdir`) and, with `cache`,
   `--compile_cache`. Returns their holders (config, workdir, compile_cache or None)."""
+  # Progress and results go to stdout; absl's log (orbax's and JAX's INFO lines among it) shows
+  # warnings and errors unless `--verbosity=0` asks for more.
+  flags.FLAGS.set_default("verbosity", logging.WARNING)
   config = config_flags.DEFINE_config_file("config", default_config, "The run's config file.")
+  flags.register_validator("config", _has_fields_of(default_config, required))
   workdir = flags.DEFINE_string("workdir", None, "Output directory; default: the config's "
                                 "workdir.")
   compile_cache = flags.DEFINE_string(
@@ -63,6 +72,30 @@ def define_flags(default_config: str, cache: bool = True):
       "Persistent compilation cache directory ('' = off), for this process and every worker "
       "process; every policy of a comparison gets it.") if cache else None
   return config, workdir, compile_cache
+
+
+def _has_fields_of(default_config: str, required: tuple[str, ...] | None):
+  """A validator of `--config`: it must have the `required` top-level fields (default: every
+  field of the launcher's own config), so that a model-shape config given to a serving launcher
+  fails here, naming what it lacks, not later with an AttributeError."""
+  def check(cd) -> bool:
+    if required is None:
+      spec = importlib.util.spec_from_file_location("_default_config", default_config)
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+    missing = sorted(set(required or module.get_config().keys()) - set(cd.keys()))
+    if missing:
+      raise flags.ValidationError(
+          f"--config lacks {', '.join(missing)}, which this launcher reads; give its own config "
+          f"({default_config}) or one built from it (e.g. `c = {_module(default_config)}"
+          f".get_config()`, then change fields)")
+    return True
+
+  return check
+
+
+def _module(path: str) -> str:
+  return os.path.splitext(path)[0].replace(os.sep, ".")
 
 
 def engine_config(cd, *, resilience: dict | ResilienceConfig | None = None,
@@ -78,6 +111,11 @@ def engine_config(cd, *, resilience: dict | ResilienceConfig | None = None,
   def given(*keys: str) -> dict:
     return {k: cd[k] for k in keys if k in cd}
 
+  missing = [k for k in ("num_aw", "num_ew", "slots_per_aw") if k not in cd]
+  if missing:
+    raise ValueError(f"the config has no {', '.join(missing)}: it describes a model, not an "
+                     f"engine (configs/tiny.py is a model shape); give this launcher its own "
+                     f"config (configs/<launcher>_tiny.py), or add those fields")
   if not isinstance(resilience, ResilienceConfig):
     rc = given("recovery", "snapshots", "flush_interval_s", "replace_failed")
     if "probe_interval_s" in cd:
@@ -127,9 +165,37 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def progress(message: str, *args):
+  """A launcher's progress line, on stdout as it happens (`message % args`, as logging takes)."""
+  print(message % args if args else message, flush=True)
+
+
+def provenance(cd=None) -> dict[str, Any]:
+  """What produced a result: the commit (and whether the tree had changes), the jax / jaxlib
+  versions, the devices, the runtime and the machine's cores."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def git(*args) -> str | None:
+    try:
+      return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
+                            timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+      return None
+
+  status = git("status", "--porcelain", "--untracked-files=no")
+  devices = jax.devices()
+  return {"commit": git("rev-parse", "HEAD"), "tree_modified": None if status is None
+          else bool(status), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "platform": devices[0].platform, "device_kind": devices[0].device_kind,
+          "device_count": len(devices),
+          "runtime": "local" if cd is None else cd.get("runtime", "local"),
+          "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
+
+
 def write_summary(workdir: str, summary: dict[str, Any], cd=None) -> str:
-  """Writes `summary` (and the launcher config, when given) to `workdir`/summary.json."""
-  record = dict(summary)
+  """Writes `summary`, its provenance and the launcher config (when given) to
+  `workdir`/summary.json."""
+  record = dict(summary, provenance=provenance(cd))
   if cd is not None:
     record["config"] = json.loads(cd.to_json_best_effort())
   path = os.path.join(workdir, "summary.json")

@@ -1,6 +1,6 @@
 """Multiple and concurrent failures: Tarragon recovery vs the global-restart baseline.
 
-  PYTHONPATH=. python -m experiments.multi_failure --config=configs/multi_failure_tiny.py
+  python -m experiments.multi_failure --config=configs/multi_failure_tiny.py
 
 Beyond the paper, which fails one worker at a time. On one workload (Poisson "Random" requests,
 real time) it runs a fault-free pass, then every scenario of the config (a fault schedule: two
@@ -145,7 +145,7 @@ def main(argv):
   records = [base]
   for scenario, spec in scenarios.items():
     for recovery in POLICIES:
-      logging.info("scenario %s (%s), %s", scenario, spec, recovery)
+      launch_config.progress("scenario %s (%s), %s", scenario, spec, recovery)
       rec, _ = _run(f"{scenario}_{recovery}", spec, recovery, cd, cfg, params, weights_dir, work,
                     reference, workdir)
       rec["scenario"] = scenario

@@ -1,6 +1,6 @@
 """Bringing back a failed request's KV cache: restore vs sequential and parallel replay (Fig. 12).
 
-  PYTHONPATH=. python -m experiments.replay --config=configs/replay_tiny.py
+  python -m experiments.replay --config=configs/replay_tiny.py
 
 An attention worker fails after a request has generated i tokens; another worker needs that
 request's KV for its n = prompt + i positions in a free slot of its (fresh) cache. Three ways,
@@ -32,7 +32,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, logging
+from absl import app
 
 import tarragon_jax as tj
 from experiments import launch_config
@@ -199,7 +199,7 @@ def main(argv):
     try:
       fill_store(store, req, indices)
       checks = {(m, i): check(req, store, m, i) for i in indices for m in METHODS}
-      logging.info("warm-up and checks done; timing %d repetitions", cd.reps)
+      launch_config.progress("warm-up and checks done; timing %d repetitions", cd.reps)
       compiles, load_before = compile_count(), os.getloadavg()[0]
       runs = {key: [] for key in checks}
       for rep in range(cd.reps):

@@ -1,6 +1,6 @@
 """Serves a workload in real time on AW/EW cells carved from 8 CPU devices; checks greedy parity.
 
-  PYTHONPATH=. python -m experiments.serve --config=configs/serve_tiny.py
+  python -m experiments.serve --config=configs/serve_tiny.py
 
 Builds the model (random init from the config's seed, or `--checkpoint=DIR` for an orbax
 checkpoint written by `tarragon_jax.save_checkpoint`), the Engine, warms it up (compiles
@@ -21,7 +21,7 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX use: AW and EW cells are carved
 
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 import tarragon_jax as tj  # noqa: E402
 from experiments import launch_config  # noqa: E402
@@ -49,7 +49,7 @@ def main(argv):
 
   if _CHECKPOINT.value:
     cfg, params = tj.load_checkpoint(_CHECKPOINT.value)
-    logging.info("loaded %s: %s", _CHECKPOINT.value, cfg)
+    launch_config.progress("loaded %s: %s", _CHECKPOINT.value, cfg)
   else:
     cfg = launch_config.model_config(cd)
     params = tj.init_params(cfg, jax.random.key(cd.seed))
@@ -90,8 +90,8 @@ def _serve(cd, cfg, params, engine, faults, workdir, compiles_at_start):
   warm_requests = wl.warm_up(engine, work)
   warmup_s = time.perf_counter() - start
   warmup_compiles = compile_count() - compiles_at_start
-  logging.info("warm-up: %d requests, %d compilations, %.1f s", warm_requests, warmup_compiles,
-               warmup_s)
+  launch_config.progress("warm-up: %d requests, %d compilations, %.1f s", warm_requests,
+                         warmup_compiles, warmup_s)
 
   engine.arm_faults(faults)
   compiles, moved = compile_count(), engine.transfers.bytes

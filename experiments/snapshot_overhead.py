@@ -1,6 +1,6 @@
 """Fault-free throughput with KV snapshots off, incremental, and pause-and-snapshot.
 
-  PYTHONPATH=. python -m experiments.snapshot_overhead --config=configs/snapshot_overhead_tiny.py
+  python -m experiments.snapshot_overhead --config=configs/snapshot_overhead_tiny.py
 
 Three engines of the same shape (local runtime, one cell per device) serve the same closed-loop
 batch (every request submitted at once, greedy), in `reps` interleaved repetitions whose order
@@ -31,7 +31,7 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX use: AW and EW cells are carved
 
 import numpy as np  # noqa: E402
-from absl import app, logging  # noqa: E402
+from absl import app  # noqa: E402
 
 import tarragon_jax as tj  # noqa: E402
 from experiments import launch_config  # noqa: E402
@@ -163,7 +163,7 @@ def _measure(cd, cfg, params, weights_dir: str) -> list[dict]:
             snapshot_bytes=(store.bytes_in - bytes0) if store else 0,
             snapshots=pauser.snapshots - snapshots0, paused_s=pauser.paused_s - paused0,
             store_drain_s=drain_s))
-        logging.info("%s rep %d: %.0f tok/s", name, rep, records[-1]["throughput_tok_s"])
+        launch_config.progress("%s rep %d: %.0f tok/s", name, rep, records[-1]["throughput_tok_s"])
       for r in records[-len(VARIANTS):]:
         r["tokens_equal_off"] = outputs[r["variant"]] == outputs["off"]
   finally:

@@ -1,6 +1,6 @@
 """Soak of the process runtime: random SIGKILL / SIGSTOP of random workers while serving.
 
-  PYTHONPATH=. python -m experiments.soak --config=configs/soak_tiny.py
+  python -m experiments.soak --config=configs/soak_tiny.py
 
 Every AW, EW and the snapshot store is its own process. One fault per `fault_every_s` (a random
 worker or the store, a random moment; SIGSTOP for `hang_fraction` of them, else SIGKILL; the
@@ -21,7 +21,7 @@ import jax
 jax.config.update("jax_num_cpu_devices", 1)  # the driver computes nothing; workers do
 
 import numpy as np  # noqa: E402
-from absl import app, logging  # noqa: E402
+from absl import app  # noqa: E402
 
 import tarragon_jax as tj  # noqa: E402
 from experiments import launch_config  # noqa: E402
@@ -88,8 +88,8 @@ def main(argv):
     faults = schedule(cd, rng)
     engine.arm_faults(faults)
     with launch_config.cpu_burners(cd.burners, timeout_s + 600):
-      logging.info("soak: %d requests over %.0f s, %d faults, %d burners", n, cd.duration_s,
-                   len(faults), cd.burners)
+      launch_config.progress("soak: %d requests over %.0f s, %d faults, %d burners", n,
+                             cd.duration_s, len(faults), cd.burners)
       result = wl.replay(engine, work, timeout_s=timeout_s)
       loadavg = os.getloadavg()[0]  # over the last minute of serving
       engine.recovery.wait_for_replacements()
