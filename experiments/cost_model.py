@@ -399,7 +399,8 @@ def main(argv):
         runtime=_runtime(spawner), num_requests=cd.requests, prompt_len=shape["prompt_len"],
         decode_steps=cd.calibration.decode_steps, reps=cd.calibration.reps,
         layer_reps=cd.calibration.layer_reps, restarts=cd.calibration.restarts, seed=cd.seed,
-        name=f"here: tiny, {shape['num_aw']} AW + {shape['num_ew']} EW, {shape['runtime']}")
+        name=f"here: {cfg.num_layers}-layer, {cfg.hidden_size}-wide MoE, {shape['num_aw']} AW + "
+             f"{shape['num_ew']} EW, {shape['runtime']}")
     all_runs = []
     if summary_in is None:
       for rep in range(cd.failure_reps):  # interleaved: the machine's drift spreads over all

@@ -45,7 +45,7 @@ from tarragon_jax.serving.metrics import compile_count, fault_stalls  # noqa: E4
 
 _CONFIG, _WORKDIR, _CACHE = launch_config.define_flags("configs/failover_tiny.py")
 _BIN_S = 0.25
-_ZOOM_S, _FINE_BIN_S = 0.2, 0.01  # timeline.png's second row: +-0.2 s in 10 ms bins
+_ZOOM_S, _FINE_BIN_S = 0.2, 0.02  # timeline.png's second row: +-0.2 s in 20 ms bins
 MODES = ("tarragon", "global_restart")
 FAULTS = ("none", "aw", "ew", "ew_hang")
 KINDS = {"aw": "AW kill", "ew": "EW kill", "ew_hang": "EW hang",  # the failure rows
@@ -137,11 +137,11 @@ def _throughput(cd, cfg, params, weights_dir, spawner) -> list[dict]:
     variants[f"{other}_transport"] = ("tarragon", True, spawner, other)
   rng = np.random.default_rng(cd.seed + 1)
   records, engines, builds = [], {}, 0
-  start = time.perf_counter()
+  phase_start = time.perf_counter()
   try:
     for rep in range(cd.reps):
       if rep:
-        left = (time.perf_counter() - start) / rep * (cd.reps - rep)
+        left = (time.perf_counter() - phase_start) / rep * (cd.reps - rep)
         print(f"  throughput rep {rep + 1}/{cd.reps} (about {left:.0f} s left)", flush=True)
       else:
         print(f"fault-free throughput: {cd.reps} repetitions of {len(variants)} variants",
@@ -364,17 +364,31 @@ def _rate(times: np.ndarray, start: float, stop: float, bin_s: float):
 
 
 def _figures(workdir: str, runs: list[dict], series: dict, cd) -> list[str]:
-  """timeline.png (tokens/s through each failure: the whole run, and +-0.2 s around the fault
-  at a finer bin, where Tarragon's few-millisecond stall shows) and stalls.png (both stalls per
-  failure, values and ratios written on them)."""
+  """timeline.png and stalls.png."""
+  return [_timeline_figure(workdir, series, cd), _stalls_figure(workdir, runs, cd)]
+
+
+def _pyplot():
   import matplotlib
 
-  matplotlib.use("Agg")
+  matplotlib.use("Agg")  # files only; never needs a display
   import matplotlib.pyplot as plt
 
+  return plt
+
+
+def _scale(cd) -> str:
+  """The run's scale, for a figure's title."""
   m = cd.model
-  scale = (f"{m.num_layers}-layer MoE (hidden {m.hidden_size}, {m.num_experts} experts top-"
-           f"{m.top_k}), {cd.num_aw} AW + {cd.num_ew} EW cells, {cd.runtime} runtime")
+  return (f"{m.num_layers}-layer MoE (hidden {m.hidden_size}, {m.num_experts} experts top-"
+          f"{m.top_k}), {cd.num_aw} AW + {cd.num_ew} EW cells, {cd.runtime} runtime")
+
+
+def _timeline_figure(workdir: str, series: dict, cd) -> str:
+  """timeline.png: tokens/s through each failure, the whole run and +-0.2 s around the fault
+  at a finer bin, where Tarragon's few-millisecond stall shows."""
+  plt = _pyplot()
+  scale = _scale(cd)
   t0, zoom, fine = cd.fault_at_s, _ZOOM_S, _FINE_BIN_S
   fig, axes = plt.subplots(2, 2, figsize=(12, 7), sharey="row")
   for col, kind in enumerate(("aw", "ew")):
@@ -403,10 +417,17 @@ def _figures(workdir: str, runs: list[dict], series: dict, cd) -> list[str]:
   timeline = os.path.join(workdir, "timeline.png")
   fig.savefig(timeline, dpi=120)
   plt.close(fig)
+  return timeline
 
+
+def _stalls_figure(workdir: str, runs: list[dict], cd) -> str:
+  """stalls.png: service and max request stall per failure, values and ratios written on
+  them."""
+  plt = _pyplot()
+  scale = _scale(cd)
   by = {(r["mode"], r["fault"]): r for r in runs}
   kinds = [k for k in KINDS if ("tarragon", k) in by]
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   for ax, (key, what) in zip(axes, (("service_stall_s", "service stall"),
                                     ("max_request_stall_s", "max request stall"))):
     x = np.arange(len(kinds))
@@ -422,7 +443,8 @@ def _figures(workdir: str, runs: list[dict], series: dict, cd) -> list[str]:
                     fontweight="bold")
     ax.set_xticks(x, [KINDS[k] for k in kinds])
     ax.set_yscale("log")
-    ax.set_ylim(top=max(1e3 * (v or 1.0) for vs in values.values() for v in vs) * 8)
+    shown = [1e3 * v for vs in values.values() for v in vs if v]
+    ax.set_ylim(min(shown) / 3, max(shown) * 8)  # every bar shows, and the ratios above
     ax.set_ylabel(f"{what} (ms, log scale)")
     ax.set_title(what)
     ax.grid(alpha=0.3, axis="y")
@@ -434,7 +456,7 @@ def _figures(workdir: str, runs: list[dict], series: dict, cd) -> list[str]:
   stalls = os.path.join(workdir, "stalls.png")
   fig.savefig(stalls, dpi=120)
   plt.close(fig)
-  return [timeline, stalls]
+  return stalls
 
 
 if __name__ == "__main__":

@@ -61,8 +61,10 @@ def define_flags(default_config: str, cache: bool = True,
   `default_config`), `--workdir` (default: the config's `workdir`) and, with `cache`,
   `--compile_cache`. Returns their holders (config, workdir, compile_cache or None)."""
   # Progress and results go to stdout; absl's log (orbax's and JAX's INFO lines among it) shows
-  # warnings and errors unless `--verbosity=0` asks for more.
-  flags.FLAGS.set_default("verbosity", logging.WARNING)
+  # warnings and errors unless `--verbosity=0` asks for more. (Set as if given: `app.run` turns
+  # a verbosity left at its default into INFO.)
+  flags.FLAGS["verbosity"].value = logging.WARNING
+  flags.FLAGS["verbosity"].using_default_value = False
   config = config_flags.DEFINE_config_file("config", default_config, "The run's config file.")
   flags.register_validator("config", _has_fields_of(default_config, required))
   workdir = flags.DEFINE_string("workdir", None, "Output directory; default: the config's "
