@@ -391,8 +391,8 @@ def _timeline_figure(workdir: str, series: dict, cd) -> str:
   scale = _scale(cd)
   t0, zoom, fine = cd.fault_at_s, _ZOOM_S, _FINE_BIN_S
   fig, axes = plt.subplots(2, 2, figsize=(12, 7), sharey="row")
+  end = max(series[k].max() for k in series) + _BIN_S
   for col, kind in enumerate(("aw", "ew")):
-    end = max(series[k].max() for k in series) + _BIN_S
     for row, (lo, hi, bin_s) in enumerate(((0.0, end, _BIN_S), (t0 - zoom, t0 + zoom, fine))):
       ax = axes[row, col]
       for mode, style in zip(MODES, ("-", "--")):
@@ -410,8 +410,8 @@ def _timeline_figure(workdir: str, series: dict, cd) -> str:
       else:
         ax.set_title(f"the same, {zoom * 1e3:.0f} ms either side of the kill")
         ax.set_xlabel(f"time since start (s; {fine * 1e3:.0f} ms bins)")
-    axes[0, 0].set_ylabel(f"output tokens/s ({_BIN_S} s bins)")
-    axes[1, 0].set_ylabel(f"output tokens/s ({fine * 1e3:.0f} ms bins)")
+  axes[0, 0].set_ylabel(f"output tokens/s ({_BIN_S} s bins)")
+  axes[1, 0].set_ylabel(f"output tokens/s ({fine * 1e3:.0f} ms bins)")
   fig.suptitle(f"Output through a failure: Tarragon vs a global restart\n{scale}", fontsize=11)
   fig.tight_layout()
   timeline = os.path.join(workdir, "timeline.png")
@@ -444,7 +444,8 @@ def _stalls_figure(workdir: str, runs: list[dict], cd) -> str:
     ax.set_xticks(x, [KINDS[k] for k in kinds])
     ax.set_yscale("log")
     shown = [1e3 * v for vs in values.values() for v in vs if v]
-    ax.set_ylim(min(shown) / 3, max(shown) * 8)  # every bar shows, and the ratios above
+    if shown:  # every bar shows, and the ratios above
+      ax.set_ylim(min(shown) / 3, max(shown) * 8)
     ax.set_ylabel(f"{what} (ms, log scale)")
     ax.set_title(what)
     ax.grid(alpha=0.3, axis="y")

@@ -22,8 +22,6 @@ from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.params import ModelParams, abstract_params
 
 SAMPLES = 1 << 16  # elements of each weight that its fingerprint reads
-
-
 _ON_DEVICE = 1 << 24  # elements from which a weight is sampled where it lives
 
 

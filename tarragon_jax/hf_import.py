@@ -191,19 +191,17 @@ class _Weight:
   needs: a load onto a mesh holds one shard at a time in host memory, never the whole model.
   """
 
-  def __init__(self, tensors: _Tensors, names: np.ndarray, fn: Callable = lambda a: a,
-               shape: tuple[int, ...] | None = None):
-    """`names`: the tensor names, shaped as the leading axes; `shape`: what every tensor's
-    shape must be (default: the first's)."""
+  def __init__(self, tensors: _Tensors, names: np.ndarray, fn: Callable = lambda a: a):
+    """`names`: the tensor names, shaped as the leading axes; every tensor must have the
+    first's shape."""
     self.tensors, self.names, self.fn = tensors, names, fn
     first = names.flat[0]
-    want = shape or tensors.shape(first)
+    want = tensors.shape(first)
     for name in names.flat:
       got = tensors.shape(name)
       if got != want:
-        raise CheckpointError(f"tensor {name!r} has shape {got}; "
-                              + (f"config.json implies {want}" if shape else
-                                 f"{first!r} has {want}, and every layer's must be alike"))
+        raise CheckpointError(f"tensor {name!r} has shape {got}; {first!r} has {want}, and "
+                              f"every layer's (and expert's) must be alike")
     try:
       inner = jax.eval_shape(lambda a: fn(a), jax.ShapeDtypeStruct(want, np.float32)).shape
     except (ValueError, TypeError) as e:

@@ -223,3 +223,19 @@ def test_a_global_restart_recompiles_the_engine_but_not_the_users_functions():
   (restart,) = engine.timeline.of("global_restart")
   assert restart["compile_s"] > 0
   assert users._cache_size() == 1
+
+
+def test_clear_compiled_empties_every_worker_executable_and_no_other():
+  from tarragon_jax.worker import datapath, workers
+
+  users = jax.jit(lambda x: x + 1)
+  users(np.float32(1.0))
+  params = _params()
+  workers.clear_compiled()  # (what earlier tests compiled)
+  datapath.aw_embed(params, np.zeros((1, 2), np.int32))
+  assert datapath.aw_embed._cache_size() == 1
+  workers.clear_compiled()
+  jitted = [fn for fn in vars(datapath).values() if type(fn) is type(users)]
+  assert datapath.aw_embed in jitted and datapath.aw_finish in jitted
+  assert all(fn._cache_size() == 0 for fn in jitted if fn is not datapath.sample)
+  assert users._cache_size() == 1

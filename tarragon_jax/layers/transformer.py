@@ -80,16 +80,16 @@ def hidden_states(params: ModelParams, cfg: ModelConfig, cache: KVCache, tokens,
 
 
 def _int_array(fn: str, name: str, x, ndim: int, what: str):
-  """`x` as an int array of `ndim` axes (lists and numpy arrays converted; a traced value, inside
-  the caller's own jit, checked only); ValueError naming the argument otherwise."""
+  """`x` as an int array of `ndim` axes (lists and numpy arrays converted to int32; a jax array,
+  or a traced value inside the caller's own jit, checked only); ValueError naming the argument
+  otherwise."""
   if not isinstance(x, jax.Array):
     x = np.asarray(x)
-    if x.dtype.kind not in "iu":
-      raise ValueError(f"{fn}: {name} has dtype {x.dtype}; give integers ({what})")
-    x = x.astype(np.int32)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f"{fn}: {name} has dtype {x.dtype}; give integers ({what})")
   if x.ndim != ndim:
     raise ValueError(f"{fn}: {name} has shape {tuple(x.shape)}; expected {what}")
-  return x
+  return x if isinstance(x, jax.Array) else x.astype(np.int32)
 
 
 def extend(params: ModelParams, config: ModelConfig, cache: KVCache, tokens, slots, n_new):

@@ -12,7 +12,8 @@ Background writes must stay cheap: the tensorstore I/O threads share the CPU wit
 one array opened once (not a zarr array per request: creating one is dear) and one transaction per
 flush (not one write per request). `commits.json` is replaced atomically (tensorstore's file
 kvstore, asynchronously: a slow disk never holds up the store's thread) and only after the
-transaction it covers has committed, so a reader never sees a commit whose data is missing. """
+transaction it covers has committed, so a reader never sees a commit whose data is missing.
+"""
 
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ engine's weights_dir as the fallback; a worker process loads its own from weight
 the worker and compiles its executables unless the cell is a hot spare. It runs in a thread so
 that serving goes on; the finished worker joins only when the recovery policy says (`Join`, at a
 layer boundary). A build past its `build_timeout_s` is abandoned: its devices stay out of the
-pool (the thread may still be using them) and its worker, if it ever appears, is stopped. """
+pool (the thread may still be using them) and its worker, if it ever appears, is stopped.
+"""
 
 from __future__ import annotations
 

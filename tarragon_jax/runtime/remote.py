@@ -206,7 +206,7 @@ class ProcessRuntime:
   def nodes(self) -> list[list]:
     """The slots of each node that can fail as a whole (a `RaySpawner`'s nodes; none on one
     host)."""
-    return self.spawner.nodes() if hasattr(self.spawner, "nodes") else []
+    return self.spawner.nodes()
 
   def data_plane(self) -> ZmqPlane:
     """The control plane's own link to the workers' data planes (it sends no arrays)."""

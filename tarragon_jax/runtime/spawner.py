@@ -272,6 +272,7 @@ class LocalSpawner:
 
   def __init__(self, slots: int = 8, platform: str = "cpu", host: str = "127.0.0.1",
                devices: int = 0):
+    worker_env(platform, None)  # an unknown platform is refused even with no slots
     if devices < 0:
       raise ValueError(f"devices={devices}: the number of local accelerators to share (> 0), "
                        f"or 0 for one per slot")
@@ -291,6 +292,10 @@ class LocalSpawner:
     # (the store: host arrays only, so no accelerator of its own)
     env = worker_env("cpu", None) if slot is None else self._env(slot)
     return Child(compile_cache, self.host, env, start)
+
+  def nodes(self) -> list[list[int]]:
+    """The slots of each node that can fail as a whole: none (one host, no node faults)."""
+    return []
 
   def close(self):
     pass

@@ -235,10 +235,3 @@ def _new_positions(cache: KVCache, slots, T: int):
   """i32[B, T]: each row's next T positions, clamped to the cache's last."""
   return jnp.minimum(cache.lengths[slots][:, None] + jnp.arange(T)[None, :], cache.max_len - 1)
 
-
-def clear_compiled():
-  """Drops every executable this module compiled in this process (a global restart's
-  "recompile everything"); the user's own jitted functions keep theirs."""
-  for fn in (aw_attend_and_pack, aw_combine, ew_experts, aw_embed, aw_restore, aw_cache_copy,
-             aw_finish):
-    fn.clear_cache()

@@ -11,6 +11,7 @@ worker returns None from every call.
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +36,20 @@ def _reset_lengths(cache: KVCache, fresh) -> KVCache:
 
 
 def clear_compiled():
-  """Drops every executable the workers compiled in this process (their datapath's included),
-  and nothing else of the process's."""
-  datapath.clear_compiled()
-  _reset_lengths.clear_cache()
+  """Drops every executable the workers compiled in this process: those of every jitted
+  function made in this module and in the datapath (found, not listed, so that one added later
+  is cleared too; one merely imported there, e.g. `sample`, is not theirs), and nothing else of
+  the process's."""
+  for module in (datapath, sys.modules[__name__]):
+    for fn in vars(module).values():
+      if type(fn) is type(_reset_lengths) and not _imported(fn, module):
+        fn.clear_cache()
+
+
+def _imported(fn, module) -> bool:
+  """Whether jitted `fn` is another module's, imported into `module` by name."""
+  origin = sys.modules.get(fn.__module__)
+  return origin is not module and getattr(origin, fn.__name__, None) is fn
 
 
 class AttentionWorker(FaultDomain, Peer):
@@ -57,6 +68,10 @@ class AttentionWorker(FaultDomain, Peer):
     self.index, self.cell, self.cfg, self.num_slots = index, cell, cfg, num_slots
     self.snapshots, self.host_inputs = snapshots, host_inputs
     self.host_routing = host_inputs if host_routing is None else host_routing
+    # Off CPU, a step's KV starts its device-to-host copy as soon as the step is computed,
+    # beside the token fetch: whoever reads it for the store (its thread, or this process's
+    # data plane) waits for a copy under way instead of making it. (CPU arrays are host memory.)
+    self._copy_kv_to_host = snapshots and cell.devices[0].platform != "cpu"
     self.name = f"aw{index}"
     self.plane = plane
     aw_params = datapath.attention_params(params)
@@ -204,10 +219,7 @@ class AttentionWorker(FaultDomain, Peer):
     tokens, self.cache, segment = datapath.aw_finish(
         self.params, self.cfg, self.x, self.cache, self.slots, self.n_new,
         key_data, step, temperature, top_p, self.bad, snapshot=self.snapshots)
-    if segment is not None and self.cell.devices[0].platform != "cpu":
-      # The device-to-host copy starts as soon as the step is computed, beside the token fetch:
-      # whoever reads the KV for the store (its thread, or this process's data plane) waits
-      # for a copy under way instead of making it. (A CPU array is host memory already.)
+    if segment is not None and self._copy_kv_to_host:
       segment.copy_to_host_async()
     return tokens, segment
 
