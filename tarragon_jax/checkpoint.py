@@ -10,8 +10,10 @@ wrong tokens, so a worker rebuilt from a checkpoint compares fingerprints first.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 
 import jax
@@ -21,6 +23,7 @@ import orbax.checkpoint as ocp
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.params import ModelParams, abstract_params
 
+MIN_CHUNK_BYTES = 1 << 20  # orbax's smallest recommended chunk (it warns below)
 SAMPLES = 1 << 16  # elements of each weight that its fingerprint reads
 _ON_DEVICE = 1 << 24  # elements from which a weight is sampled where it lives
 
@@ -67,9 +70,19 @@ def save_checkpoint(directory: str, params: ModelParams, config: ModelConfig, st
   """
   directory = os.path.abspath(directory)
   metadata = dict(metadata or {}, fingerprint=weights_fingerprint(params, config))
+  # Each (layer, expert) matrix a chunk of its own, so that an EW reads its experts and no
+  # others (`checkpoint_parts`); experts under `MIN_CHUNK_BYTES` share chunks of about that
+  # size. Other weights: orbax's default chunks.
+  save_args = jax.tree.map(lambda _: ocp.SaveArgs(), params)
+  experts = jax.tree.map(
+      lambda a: ocp.SaveArgs(chunk_byte_size=max(MIN_CHUNK_BYTES,
+                                                 math.prod(a.shape[2:]) * a.dtype.itemsize),
+                             shard_axes=(0, 1)), params.layers.moe.experts)
+  save_args = dataclasses.replace(save_args, layers=dataclasses.replace(
+      save_args.layers, moe=dataclasses.replace(save_args.layers.moe, experts=experts)))
   with ocp.CheckpointManager(directory) as mgr:
     mgr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
+        params=ocp.args.StandardSave(params, save_args=save_args),
         config=ocp.args.JsonSave(config.to_dict()),
         metadata=ocp.args.JsonSave(metadata),
     ))
@@ -82,6 +95,24 @@ def _step(mgr: ocp.CheckpointManager, directory: str, step: int | None) -> int:
   if step is None or step not in mgr.all_steps():
     raise FileNotFoundError(f"{directory}: no checkpoint step {step}; steps: {mgr.all_steps()}")
   return step
+
+
+def latest_step(directory: str) -> int:
+  """The newest step of a checkpoint directory.
+
+  Raises:
+    FileNotFoundError: it holds none.
+  """
+  with ocp.CheckpointManager(os.path.abspath(directory)) as mgr:
+    return _step(mgr, directory, None)
+
+
+def checkpoint_config(directory: str, step: int | None = None) -> ModelConfig:
+  """The ModelConfig saved with a checkpoint step (the latest when None)."""
+  with ocp.CheckpointManager(os.path.abspath(directory)) as mgr:
+    step = _step(mgr, directory, step)
+    meta = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  return ModelConfig.from_dict(dict(meta["config"]))
 
 
 def checkpoint_fingerprint(directory: str, step: int | None = None) -> str | None:
@@ -120,10 +151,9 @@ def load_checkpoint(directory: str, step: int | None = None, shardings=None,
   directory = os.path.abspath(directory)
   if expect is not None:
     check_fingerprint(directory, expect, step)
+  config = checkpoint_config(directory, step)
   with ocp.CheckpointManager(directory) as mgr:
     step = _step(mgr, directory, step)
-    meta = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    config = ModelConfig.from_dict(dict(meta["config"]))
     if isinstance(shardings, jax.sharding.Sharding):
       shardings = jax.tree.map(lambda _: shardings, abstract_params(config))
     target = abstract_params(config, shardings)

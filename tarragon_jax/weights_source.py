@@ -15,10 +15,11 @@ import os
 
 import jax
 
+import tarragon_jax.checkpoint_parts as checkpoint_parts
 from tarragon_jax.checkpoint import check_fingerprint, load_checkpoint, weights_fingerprint
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.hf_import import CheckpointError, config_from_hf, load_hf_checkpoint
-from tarragon_jax.layers.params import ModelParams
+from tarragon_jax.layers.params import ExpertParams, ModelParams, slot_experts, without_experts
 
 # ModelConfig fields that are execution choices, not the weights' architecture.
 _EXECUTION = ("expert_kernel", "capacity_factor")
@@ -71,3 +72,25 @@ def load_weights(directory: str, cfg: ModelConfig, shardings=None,
                        f"(fingerprint {found}, expected {expect}); give the checkpoint the "
                        f"served weights came from")
   return params
+
+
+def load_worker_weights(directory: str, cfg: ModelConfig, contents=None, shardings=None,
+                        expect: str | None = None) -> ModelParams | ExpertParams:
+  """The part of the weights in `directory` that one worker serves: an AW's (`contents` None:
+  every weight but the routed experts, which are None) or an EW's (`contents`, i32[L, S]: its
+  expert slots, [L, S, ...]).
+
+  From an orbax checkpoint only that part is read, as host arrays (`checkpoint_parts`): a
+  worker never holds the whole model. A Hugging Face checkpoint is loaded whole onto
+  `shardings` and cut: its weights can only be checked against `expect` all together.
+
+  Raises:
+    ValueError: `expect` is given and the weights have another fingerprint.
+  """
+  if not is_hf_checkpoint(directory):
+    if contents is None:
+      return checkpoint_parts.load_attention(directory, expect=expect)
+    return checkpoint_parts.load_experts(directory, contents, expect=expect)
+  params = load_weights(directory, cfg, shardings, expect)
+  return without_experts(params) if contents is None else slot_experts(
+      params.layers.moe.experts, contents)

@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAYERS = [
     ("ground", ["tarragon_jax.config", "tarragon_jax.layers", "tarragon_jax.mesh",
                 "tarragon_jax.hf_import", "tarragon_jax.checkpoint", "tarragon_jax.weights_source",
-                "tarragon_jax.training", "tarragon_jax.flax_nnx"]),
+                "tarragon_jax.checkpoint_parts", "tarragon_jax.training", "tarragon_jax.flax_nnx"]),
     ("worker", ["tarragon_jax.worker"]),
     ("resilience", ["tarragon_jax.resilience"]),
     ("runtime", ["tarragon_jax.runtime"]),

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tarragon_jax.config import ModelConfig
 
@@ -170,6 +171,29 @@ def abstract_params(cfg: ModelConfig, shardings=None) -> ModelParams:
     return abstract
   return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                       abstract, shardings)
+
+
+def without_experts(params: ModelParams) -> ModelParams:
+  """`params` (any ModelParams-shaped tree) with the routed experts None: what an AW holds."""
+  moe = dataclasses.replace(params.layers.moe, experts=None)
+  return dataclasses.replace(params, layers=dataclasses.replace(params.layers, moe=moe))
+
+
+def slot_experts(experts: ExpertParams, contents) -> ExpertParams:
+  """The experts in slots `contents` (i32[L, S]: the logical expert of each slot of each layer,
+  -1: an empty slot, zeros), [L, S, ...]: gathered where the weights are (device arrays stay
+  on their devices: at real sizes the model's experts never pass through host memory to build
+  one EW), host arrays from host arrays."""
+  contents = np.asarray(contents)
+  held = contents >= 0
+  idx = np.where(held, contents, 0)
+  layers = np.arange(contents.shape[0])[:, None]
+
+  def gather(w):
+    xp = jnp if isinstance(w, jax.Array) else np
+    return xp.where(held[:, :, None, None], w[layers, idx], 0).astype(w.dtype)
+
+  return ExpertParams(gather(experts.w_gate), gather(experts.w_up), gather(experts.w_down))
 
 
 def init_params(config: ModelConfig, key: jax.Array, scale: float = 1.0) -> ModelParams:

@@ -19,7 +19,7 @@ import numpy as np
 
 from tarragon_jax.layers.params import ExpertParams
 from tarragon_jax.mesh.cells import Cell
-from tarragon_jax.weights_source import load_weights
+from tarragon_jax.weights_source import load_worker_weights
 from tarragon_jax.worker.fault_domain import FaultDomain
 
 
@@ -151,8 +151,10 @@ class Replacements:
             raise RuntimeError(f"no live peer holds the weights of {b.kind}{b.index} and the "
                                f"engine has no checkpoint to load them from: give "
                                f"ResilienceConfig.weights_dir")
-          sharding = jax.sharding.SingleDeviceSharding(b.cell.devices[0])
-          params = load_weights(e.weights_dir, e.cfg, sharding, expect=e.weights_fingerprint)
+          contents = None if b.kind == "aw" else e.state.placement.contents[:, b.index]
+          params = load_worker_weights(  # (its part only)
+              e.weights_dir, e.cfg, contents,
+              jax.sharding.SingleDeviceSharding(b.cell.devices[0]), expect=e.weights_fingerprint)
           b.source = "checkpoint"
       w = e.make_worker(b.kind, b.index, b.cell, params)
       b.worker = w

@@ -4,13 +4,13 @@
 
 Prints `READY <address> <probe address>` once its endpoint is bound on ADDRESS (default
 127.0.0.1), then serves (and exits when the process that started it is gone):
-- {"op": "init", "spec": {...}}: builds the worker: an AW or EW loads its weights from weights_dir
-  (the same `AttentionWorker` / `ExpertWorker` classes the local runtime uses) on this
-  process's device, refusing weights whose fingerprint is not the spec's, and binds its data
-  plane (`ZmqPlane`, or `TransferPlane` with spec transport="transfer"; the reply carries its
-  address: peers send activations there directly); a store opens its durable tier
-  (`SnapshotStore`) and binds a data-plane inbox, where AWs send their KV directly
-  (`DirectStore`), and the process exits (code 70) if the store's thread dies;
+- {"op": "init", "spec": {...}}: builds the worker: an AW or EW loads its part of the weights
+  from weights_dir (the same `AttentionWorker` / `ExpertWorker` classes the local runtime
+  uses) onto this process's device, refusing weights whose fingerprint is not the spec's,
+  and binds its data plane (`ZmqPlane`, or `TransferPlane` with spec transport="transfer";
+  the reply carries its address: peers send activations there directly); a store opens its
+  durable tier (`SnapshotStore`) and binds a data-plane inbox, where AWs send their KV
+  directly (`DirectStore`), and the process exits (code 70) if the store's thread dies;
 - {"op": "call", "method": m, "args": [...]}: calls the worker; device arrays in the result
   come back as host arrays;
 - {"op": "cast", ...}: a call whose reply nobody reads (none is sent);
@@ -41,10 +41,10 @@ from tarragon_jax.runtime import compile_cache  # noqa: E402
 from tarragon_jax.runtime.channel import Endpoint  # noqa: E402
 from tarragon_jax.runtime.peer_plane import ZmqPlane  # noqa: E402
 from tarragon_jax.runtime.transfer_plane import TransferPlane  # noqa: E402
-from tarragon_jax.weights_source import load_weights  # noqa: E402
+from tarragon_jax.weights_source import load_worker_weights  # noqa: E402
 from tarragon_jax.worker.dataplane import kv_tag  # noqa: E402
 from tarragon_jax.worker.placement import Placement  # noqa: E402
-from tarragon_jax.worker.workers import AttentionWorker, ExpertWorker, ew_weights  # noqa: E402
+from tarragon_jax.worker.workers import AttentionWorker, ExpertWorker  # noqa: E402
 
 
 def to_host(x):
@@ -103,19 +103,21 @@ def build(spec: dict, host: str = "127.0.0.1"):
     return DirectStore(SnapshotStore(cfg, spec["directory"], **spec["options"],
                                      on_death=_store_died), ZmqPlane(host), spec["kv_wait_s"])
   cell = Cell(f"{spec['kind']}{spec['index']}", (jax.devices()[0],))
-  # `fingerprint`: the weights the driver serves; a checkpoint holding others is refused.
-  params = load_weights(spec["weights_dir"], cfg, cell.replicated(),
-                        expect=spec.get("fingerprint"))
+  placement = None if spec["kind"] == "aw" else Placement(
+      spec["num_ew"], spec["slots_per_layer"], np.asarray(spec["contents"]),
+      np.asarray(spec["replicas"]))
+  # Only the worker's part of the weights is read. `fingerprint`: the weights the driver
+  # serves; a checkpoint holding others is refused.
+  params = load_worker_weights(
+      spec["weights_dir"], cfg, None if placement is None else placement.contents[:, spec["index"]],
+      cell.replicated(), expect=spec.get("fingerprint"))
   # On ZeroMQ arrays arrive as host arrays; pulled with `transfer`, as arrays on this device.
   transfer = spec.get("transport") == "transfer"
   plane = TransferPlane(host, cell.devices[0]) if transfer else ZmqPlane(host)
   if spec["kind"] == "aw":
     return AttentionWorker(spec["index"], cell, cfg, params, spec["slots"], plane,
                            spec["snapshots"], host_inputs=not transfer, host_routing=True)
-  placement = Placement(spec["num_ew"], spec["slots_per_layer"],
-                        np.asarray(spec["contents"]), np.asarray(spec["replicas"]))
-  experts = ew_weights(params, placement, spec["index"])
-  return ExpertWorker(spec["index"], cell, cfg, experts, spec["num_ew"], plane,
+  return ExpertWorker(spec["index"], cell, cfg, params, spec["num_ew"], plane,
                       host_inputs=not transfer)
 
 

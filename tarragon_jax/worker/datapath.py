@@ -19,7 +19,6 @@ EW per layer, A attention workers.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -65,12 +64,6 @@ def empty_buffer(cfg: ModelConfig, capacity: int) -> np.ndarray:
   return np.zeros((capacity, cfg.hidden_size + SLOT_DIGITS), cfg.dtype)
 
 
-def attention_params(params: ModelParams) -> ModelParams:
-  """The weights an AW holds: everything but the routed experts."""
-  moe = dataclasses.replace(params.layers.moe, experts=None)
-  return dataclasses.replace(params, layers=dataclasses.replace(params.layers, moe=moe))
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "num_ew", "slots_per_layer"),
                    donate_argnames=("cache",))
 def aw_attend_and_pack(p: ModelParams, cfg: ModelConfig, x, cache: KVCache, layer, slots, n_new,
@@ -78,7 +71,7 @@ def aw_attend_and_pack(p: ModelParams, cfg: ModelConfig, x, cache: KVCache, laye
   """Attention of one layer, then routing and packing of per-EW buffers.
 
   Args:
-    p: AW weights (see `attention_params`).
+    p: AW weights (`without_experts`: all but the routed experts).
     x: [B, T, D] residual stream.
     cache: this AW's KV cache (donated).
     layer: i32[] layer index.

@@ -19,7 +19,14 @@ import numpy as np
 
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.kv_cache import KVCache
-from tarragon_jax.layers.params import ExpertParams, ModelParams, abstract_params, logical_axes
+from tarragon_jax.layers.params import (
+  ExpertParams,
+  ModelParams,
+  abstract_params,
+  logical_axes,
+  slot_experts,
+  without_experts,
+)
 from tarragon_jax.mesh.cells import AW_RULES, EW_RULES, Cell
 from tarragon_jax.worker import datapath
 from tarragon_jax.worker.buckets import all_buckets, bucket
@@ -74,9 +81,9 @@ class AttentionWorker(FaultDomain, Peer):
     self._copy_kv_to_host = snapshots and cell.devices[0].platform != "cpu"
     self.name = f"aw{index}"
     self.plane = plane
-    aw_params = datapath.attention_params(params)
-    axes = datapath.attention_params(logical_axes(cfg))
-    shardings = cell.shardings_for(AW_RULES, axes, datapath.attention_params(abstract_params(cfg)))
+    aw_params = without_experts(params)
+    axes = without_experts(logical_axes(cfg))
+    shardings = cell.shardings_for(AW_RULES, axes, without_experts(abstract_params(cfg)))
     # The worker deletes its arrays when it is killed, so they must not share a buffer with the
     # caller's params: jax 0.10.2 aliases the source buffer into a multi-device replicated
     # device_put even with may_alias=False, hence a copy in place first (no compile).
@@ -317,20 +324,8 @@ class AttentionWorker(FaultDomain, Peer):
 
 
 def ew_weights(params: ModelParams, placement: Placement, ew: int) -> ExpertParams:
-  """The experts (primaries and shadows) that EW `ew` holds, [L, S, ...]: gathered where the
-  model's weights are (device arrays stay on their devices: at real sizes the whole model's
-  experts never pass through host memory to build one EW), host arrays from host arrays."""
-  contents = placement.contents[:, ew]  # [L, S]
-  held = contents >= 0
-  idx = np.where(held, contents, 0)
-  layers = np.arange(contents.shape[0])[:, None]
-
-  def gather(w):
-    xp = jnp if isinstance(w, jax.Array) else np
-    return xp.where(held[:, :, None, None], w[layers, idx], 0).astype(w.dtype)
-
-  e = params.layers.moe.experts
-  return ExpertParams(gather(e.w_gate), gather(e.w_up), gather(e.w_down))
+  """The experts (primaries and shadows) that EW `ew` holds, [L, S, ...] (`slot_experts`)."""
+  return slot_experts(params.layers.moe.experts, placement.contents[:, ew])
 
 
 class ExpertWorker(FaultDomain, Peer):
