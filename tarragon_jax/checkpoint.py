@@ -21,10 +21,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from tarragon_jax.config import ModelConfig
-from tarragon_jax.layers.params import ModelParams, abstract_params
+from tarragon_jax.layers.params import ExpertParams, ModelParams, abstract_params, without_experts
 
 MIN_CHUNK_BYTES = 1 << 20  # orbax's smallest recommended chunk (it warns below)
 SAMPLES = 1 << 16  # elements of each weight that its fingerprint reads
+EXPERT_SAMPLES = 1 << 12  # elements of each expert matrix that the expert's fingerprint reads
 _ON_DEVICE = 1 << 24  # elements from which a weight is sampled where it lives
 
 
@@ -58,6 +59,47 @@ def weights_fingerprint(params: ModelParams, config: ModelConfig) -> str:
     digest.update(f"{jax.tree_util.keystr(path)}:{tuple(leaf.shape)}:{a.dtype}".encode())
     digest.update(a.view(np.uint8).reshape(-1) if a.size else b"")
   return "sha256:" + digest.hexdigest()
+
+
+def _expert_samples(w) -> np.ndarray:
+  """`EXPERT_SAMPLES` evenly spaced elements of each expert matrix of w [L, E, ...]: [L, E, n],
+  taken where w lives."""
+  n = math.prod(w.shape[2:])
+  idx = np.linspace(0, n - 1, min(n, EXPERT_SAMPLES)).astype(np.int64)
+  if isinstance(w, jax.Array):
+    return np.asarray(_gather_experts(w, idx))
+  return np.asarray(w).reshape(w.shape[:2] + (n,))[:, :, idx]
+
+
+@jax.jit
+def _gather_experts(w, idx):
+  return w.reshape(w.shape[:2] + (-1,))[:, :, idx]
+
+
+def expert_fingerprints(experts: ExpertParams) -> list[list[str]]:
+  """A digest of each expert (or EW slot) of `experts` [L, E, ...], [L][E]: its three
+  matrices' shapes, dtype and `EXPERT_SAMPLES` evenly spaced elements each."""
+  ws = (experts.w_gate, experts.w_up, experts.w_down)
+  samples = [np.ascontiguousarray(_expert_samples(w)) for w in ws]
+  out = []
+  for layer, e in np.ndindex(samples[0].shape[:2]):
+    digest = hashlib.sha256()
+    for w, s in zip(ws, samples):
+      digest.update(f"{tuple(w.shape[2:])}:{s.dtype}".encode())
+      digest.update(s[layer, e].view(np.uint8))
+    if e == 0:
+      out.append([])
+    out[layer].append("sha256:" + digest.hexdigest())
+  return out
+
+
+def part_fingerprints(params: ModelParams, config: ModelConfig) -> dict:
+  """What a worker that loads only its part of a checkpoint storing no fingerprint (a Hugging
+  Face one) checks it against: {"attention": `weights_fingerprint` of every weight but the
+  routed experts, "experts": each (layer, expert)'s `expert_fingerprints`, [L][E]}. Per expert,
+  not per EW: it holds for any placement (a global restart may carve another)."""
+  return {"attention": weights_fingerprint(without_experts(params), config),
+          "experts": expert_fingerprints(params.layers.moe.experts)}
 
 
 def save_checkpoint(directory: str, params: ModelParams, config: ModelConfig, step: int = 0,

@@ -94,4 +94,3 @@ def load_experts(directory: str, contents: np.ndarray, step: int | None = None,
     return out
 
   return ExpertParams(read(names.w_gate), read(names.w_up), read(names.w_down))
-

@@ -27,6 +27,7 @@ from tarragon_jax.layers.params import (
   MoEParams,
   SharedExpertParams,
   param_specs,
+  without_experts,
 )
 
 SUPPORTED = ("mixtral", "qwen3_moe", "qwen2_moe")
@@ -360,3 +361,31 @@ def load_hf_checkpoint(path: str, *, max_seq_len: int | None = None, dtype: str 
     return jax.make_array_from_callback(w.shape, sharding, region)
 
   return cfg, jax.tree.map(load, weights, shardings)
+
+
+def load_hf_part(path: str, cfg: ModelConfig, contents=None) -> ModelParams | ExpertParams:
+  """One worker's part of the Hugging Face checkpoint at `path` (of `cfg`'s architecture), as
+  host arrays in `cfg.dtype`, reading only the tensors it needs: every weight but the routed
+  experts (`contents` None; the experts are None), or the experts of slots `contents`
+  (i32[L, S], the logical expert in each slot of each layer, -1: an empty slot, zeros),
+  [L, S, ...].
+
+  Raises:
+    CheckpointError: a missing file or tensor, or a shape that does not fit `cfg`.
+  """
+  weights = params_from_hf(_Tensors(path), cfg)
+  _check_shapes(weights, cfg)
+  dt = jnp.dtype(cfg.dtype)
+  if contents is None:
+    return jax.tree.map(lambda w: w.read().astype(dt), without_experts(weights))
+  contents = np.asarray(contents)
+  held = contents >= 0
+  layers = np.arange(contents.shape[0])[:, None]
+
+  def read(w: _Weight) -> np.ndarray:
+    a = _Weight(w.tensors, w.names[layers, np.where(held, contents, 0)], w.fn).read().astype(dt)
+    a[~held] = 0
+    return a
+
+  e = weights.layers.moe.experts
+  return ExpertParams(read(e.w_gate), read(e.w_up), read(e.w_down))

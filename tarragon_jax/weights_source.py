@@ -14,11 +14,18 @@ import json
 import os
 
 import jax
+import numpy as np
 
 import tarragon_jax.checkpoint_parts as checkpoint_parts
-from tarragon_jax.checkpoint import check_fingerprint, load_checkpoint, weights_fingerprint
+from tarragon_jax.checkpoint import (
+  check_fingerprint,
+  expert_fingerprints,
+  load_checkpoint,
+  part_fingerprints,
+  weights_fingerprint,
+)
 from tarragon_jax.config import ModelConfig
-from tarragon_jax.hf_import import CheckpointError, config_from_hf, load_hf_checkpoint
+from tarragon_jax.hf_import import CheckpointError, config_from_hf, load_hf_checkpoint, load_hf_part
 from tarragon_jax.layers.params import ExpertParams, ModelParams, slot_experts, without_experts
 
 # ModelConfig fields that are execution choices, not the weights' architecture.
@@ -53,6 +60,22 @@ def check_weights_dir(directory: str, cfg: ModelConfig, fingerprint: str):
                      f"served ({diff})")
 
 
+def expected_weights(directory: str | None, cfg: ModelConfig,
+                     params: ModelParams) -> tuple[str, dict | None]:
+  """What workers that load weights from `directory` check them against: the fingerprint of
+  `params`, and for a Hugging Face checkpoint (which stores none) that of each part a worker
+  may load alone (`part_fingerprints`).
+
+  Raises:
+    ValueError: `directory` is not a checkpoint of `params` (`check_weights_dir`).
+  """
+  fingerprint = weights_fingerprint(params, cfg)
+  if not directory:
+    return fingerprint, None
+  check_weights_dir(directory, cfg, fingerprint)
+  return fingerprint, part_fingerprints(params, cfg) if is_hf_checkpoint(directory) else None
+
+
 def load_weights(directory: str, cfg: ModelConfig, shardings=None,
                  expect: str | None = None) -> ModelParams:
   """The weights in `directory`, in `cfg.dtype`, onto `shardings` (see `load_checkpoint`).
@@ -75,22 +98,40 @@ def load_weights(directory: str, cfg: ModelConfig, shardings=None,
 
 
 def load_worker_weights(directory: str, cfg: ModelConfig, contents=None, shardings=None,
-                        expect: str | None = None) -> ModelParams | ExpertParams:
+                        expect: str | None = None,
+                        expect_parts: dict | None = None) -> ModelParams | ExpertParams:
   """The part of the weights in `directory` that one worker serves: an AW's (`contents` None:
   every weight but the routed experts, which are None) or an EW's (`contents`, i32[L, S]: its
   expert slots, [L, S, ...]).
 
-  From an orbax checkpoint only that part is read, as host arrays (`checkpoint_parts`): a
-  worker never holds the whole model. A Hugging Face checkpoint is loaded whole onto
-  `shardings` and cut: its weights can only be checked against `expect` all together.
+  From an orbax checkpoint only that part is read, as host arrays (`checkpoint_parts`), once
+  its stored fingerprint is `expect`. From a Hugging Face checkpoint, which stores none: with
+  `expect_parts` (`part_fingerprints` of the weights served) only the part is read, as host
+  arrays, and checked against its own fingerprints; without, the whole model is loaded onto
+  `shardings`, checked against `expect`, and cut.
 
   Raises:
-    ValueError: `expect` is given and the weights have another fingerprint.
+    ValueError: the weights are not those expected.
   """
   if not is_hf_checkpoint(directory):
     if contents is None:
       return checkpoint_parts.load_attention(directory, expect=expect)
     return checkpoint_parts.load_experts(directory, contents, expect=expect)
-  params = load_weights(directory, cfg, shardings, expect)
-  return without_experts(params) if contents is None else slot_experts(
-      params.layers.moe.experts, contents)
+  if expect_parts is None:
+    params = load_weights(directory, cfg, shardings, expect)
+    return without_experts(params) if contents is None else slot_experts(
+        params.layers.moe.experts, contents)
+  part = load_hf_part(directory, cfg, contents)
+  if contents is None:
+    differ = ["the weights outside the routed experts"] * (
+        weights_fingerprint(part, cfg) != expect_parts["attention"])
+  else:  # each held slot's expert against that expert's own fingerprint
+    found = expert_fingerprints(part)
+    differ = [f"expert {e} of layer {layer}"
+              for (layer, s), e in np.ndenumerate(np.asarray(contents))
+              if e >= 0 and found[layer][s] != expect_parts["experts"][layer][e]]
+  if differ:
+    raise ValueError(f"{directory}: the checkpoint holds other weights than expected "
+                     f"({', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''} differ from "
+                     f"those served); give the checkpoint the served weights came from")
+  return part

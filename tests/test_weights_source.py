@@ -12,15 +12,21 @@ from __future__ import annotations
 import functools
 import os
 
+import jax
 import numpy as np
 import pytest
 
 import tarragon_jax as tj
+from tarragon_jax import hf_import
+from tarragon_jax.checkpoint import part_fingerprints
+from tarragon_jax.layers.params import slot_experts, without_experts
 from tarragon_jax.mesh.cells import CellPlan
 from tarragon_jax.resilience.faults import parse_faults
 from tarragon_jax.runtime.remote import ProcessRuntime
 from tarragon_jax.runtime.spawner import LocalSpawner
 from tarragon_jax.serving.engine import Engine, EngineConfig, ResilienceConfig
+from tarragon_jax.weights_source import load_worker_weights
+from tarragon_jax.worker.placement import place
 from tarragon_jax.worker.requests import Request
 from tests.hf_models import TinyMoE, build_hf_model
 
@@ -123,3 +129,39 @@ def test_worker_processes_load_the_users_hugging_face_checkpoint(hf):
                    weights_dir=path)
   assert _copies(engine) == []
   assert _serve(engine) == _fault_free(path)
+
+
+def test_a_worker_reads_only_its_part_of_a_hugging_face_checkpoint(hf, monkeypatch):
+  path, other, cfg, params = hf
+  parts = part_fingerprints(params, cfg)
+  read = []
+  get = hf_import._Tensors.get
+  monkeypatch.setattr(hf_import._Tensors, "get", lambda self, name: read.append(name) or get(
+      self, name))
+  aw = load_worker_weights(path, cfg, expect_parts=parts)
+  assert not any(".experts." in name for name in read)
+  _assert_same(aw, without_experts(params))
+  placement = place(cfg.num_layers, cfg.num_experts, 2, shadows_per_expert=1)
+  for ew in range(2):
+    read.clear()
+    contents = placement.contents[:, ew]
+    part = load_worker_weights(path, cfg, contents, expect_parts=parts)
+    _assert_same(part, slot_experts(params.layers.moe.experts, contents))
+    held = {(layer, int(e)) for (layer, _), e in np.ndenumerate(contents) if e >= 0}
+    assert {(int(n.split(".")[2]), int(n.split(".")[5])) for n in read} == held, read
+  with pytest.raises(ValueError, match=r"other weights than expected \(expert \d of layer 0"):
+    load_worker_weights(other, cfg, placement.contents[:, 0], expect_parts=parts)
+  with pytest.raises(ValueError, match="the weights outside the routed experts differ"):
+    load_worker_weights(other, cfg, expect_parts=parts)
+
+
+def _assert_same(got, want):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_worker_processes_refuse_a_hugging_face_checkpoint_of_other_weights(hf):
+  other = hf[1]
+  with pytest.raises(Exception, match="other weights than expected"):
+    _engine(hf, plan=CellPlan(1, 2), runtime=ProcessRuntime(LocalSpawner(4)), weights_dir=other)

@@ -43,7 +43,6 @@ from tarragon_jax.runtime.peer_plane import ZmqPlane  # noqa: E402
 from tarragon_jax.runtime.transfer_plane import TransferPlane  # noqa: E402
 from tarragon_jax.weights_source import load_worker_weights  # noqa: E402
 from tarragon_jax.worker.dataplane import kv_tag  # noqa: E402
-from tarragon_jax.worker.placement import Placement  # noqa: E402
 from tarragon_jax.worker.workers import AttentionWorker, ExpertWorker  # noqa: E402
 
 
@@ -103,14 +102,12 @@ def build(spec: dict, host: str = "127.0.0.1"):
     return DirectStore(SnapshotStore(cfg, spec["directory"], **spec["options"],
                                      on_death=_store_died), ZmqPlane(host), spec["kv_wait_s"])
   cell = Cell(f"{spec['kind']}{spec['index']}", (jax.devices()[0],))
-  placement = None if spec["kind"] == "aw" else Placement(
-      spec["num_ew"], spec["slots_per_layer"], np.asarray(spec["contents"]),
-      np.asarray(spec["replicas"]))
-  # Only the worker's part of the weights is read. `fingerprint`: the weights the driver
-  # serves; a checkpoint holding others is refused.
-  params = load_worker_weights(
-      spec["weights_dir"], cfg, None if placement is None else placement.contents[:, spec["index"]],
-      cell.replicated(), expect=spec.get("fingerprint"))
+  # Only the worker's part of the weights is read (an EW's: its slots, `contents`).
+  # `fingerprint`, `parts`: the weights the driver serves; a checkpoint holding others is
+  # refused.
+  contents = None if spec["kind"] == "aw" else np.asarray(spec["contents"])[:, spec["index"]]
+  params = load_worker_weights(spec["weights_dir"], cfg, contents, cell.replicated(),
+                               expect=spec.get("fingerprint"), expect_parts=spec.get("parts"))
   # On ZeroMQ arrays arrive as host arrays; pulled with `transfer`, as arrays on this device.
   transfer = spec.get("transport") == "transfer"
   plane = TransferPlane(host, cell.devices[0]) if transfer else ZmqPlane(host)

@@ -259,9 +259,9 @@ class ProcessRuntime:
       inits = [w.init(dict(kind=w.kind, index=w.index, config=engine.cfg.to_dict(),
                            weights_dir=engine.weights_dir,
                            fingerprint=engine.weights_fingerprint,
+                           parts=engine.part_fingerprints,
                            slots=engine.engine_cfg.slots_per_aw, snapshots=rc.snapshots,
-                           num_ew=p.num_ew, slots_per_layer=p.slots_per_layer,
-                           contents=p.contents, replicas=p.replicas,
+                           num_ew=p.num_ew, contents=p.contents,
                            transport=self.transport)) for w in workers]
       for w, pending in zip(workers, inits):
         try:

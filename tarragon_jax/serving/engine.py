@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from tarragon_jax.checkpoint import save_checkpoint, weights_fingerprint
+from tarragon_jax.checkpoint import save_checkpoint
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.params import ExpertParams, ModelParams, abstract_params
 from tarragon_jax.mesh.cells import Cell
@@ -44,7 +44,7 @@ from tarragon_jax.serving.exchange import LayerExchange
 from tarragon_jax.serving.frontend import Frontend, RequestsFailed
 from tarragon_jax.serving.metrics import TokenEvent, latency_summary
 from tarragon_jax.serving.streams import RequestFailed
-from tarragon_jax.weights_source import check_weights_dir
+from tarragon_jax.weights_source import expected_weights
 from tarragon_jax.worker.buckets import all_buckets, bucket
 from tarragon_jax.worker.calls import wait
 from tarragon_jax.worker.dataplane import LocalPlane
@@ -80,9 +80,8 @@ class Engine(LayerExchange, Frontend):
     self.control_link = self.runtime.data_plane()  # says which messages will not come
     # Rebuilt workers load weights from `weights_dir`: they must be the weights served here, or
     # a rebuilt worker would serve another model without an error.
-    self.weights_fingerprint = weights_fingerprint(params, cfg)
-    if rc.weights_dir:
-      check_weights_dir(rc.weights_dir, cfg, self.weights_fingerprint)
+    self.weights_fingerprint, self.part_fingerprints = expected_weights(rc.weights_dir, cfg,
+                                                                        params)
     self._scratch = tempfile.mkdtemp(prefix="tarragon_")
     self.weights_dir = rc.weights_dir or self._weights_copy(params)
     self.store_dir = rc.store_dir or os.path.join(self._scratch, "snapshots")
