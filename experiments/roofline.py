@@ -32,8 +32,8 @@ from tarragon_jax.config import ModelConfig
 from tarragon_jax.layers.params import ModelParams, ParamSpec, param_specs
 
 # Peak memory bandwidth from the vendors' datasheets, bytes/s, by device kind (a regex on
-# `device.device_kind`, first match wins). What a copy reaches is lower: on the H100 and H200
-# hosts lent to this project a device-to-device copy measured ~3.0 and ~4.3 TB/s (read + write).
+# `device.device_kind`, first match wins). What a copy reaches is lower, hence the measured
+# bandwidth beside it.
 DATASHEET_BANDWIDTH = (
     (r"\bH200\b", 4.8e12, "H200 SXM, HBM3e"),
     (r"\bH100 PCIe\b", 2.0e12, "H100 PCIe, HBM2e"),

@@ -81,16 +81,16 @@ def expert_fingerprints(experts: ExpertParams) -> list[list[str]]:
   matrices' shapes, dtype and `EXPERT_SAMPLES` evenly spaced elements each."""
   ws = (experts.w_gate, experts.w_up, experts.w_down)
   samples = [np.ascontiguousarray(_expert_samples(w)) for w in ws]
-  out = []
-  for layer, e in np.ndindex(samples[0].shape[:2]):
-    digest = hashlib.sha256()
+
+  def digest(layer: int, e: int) -> str:
+    d = hashlib.sha256()
     for w, s in zip(ws, samples):
-      digest.update(f"{tuple(w.shape[2:])}:{s.dtype}".encode())
-      digest.update(s[layer, e].view(np.uint8))
-    if e == 0:
-      out.append([])
-    out[layer].append("sha256:" + digest.hexdigest())
-  return out
+      d.update(f"{tuple(w.shape[2:])}:{s.dtype}".encode())
+      d.update(s[layer, e].view(np.uint8))
+    return "sha256:" + d.hexdigest()
+
+  L, E = samples[0].shape[:2]
+  return [[digest(layer, e) for e in range(E)] for layer in range(L)]
 
 
 def part_fingerprints(params: ModelParams, config: ModelConfig) -> dict:

@@ -27,6 +27,7 @@ from tarragon_jax.layers.params import (
   MoEParams,
   SharedExpertParams,
   param_specs,
+  slot_index,
   without_experts,
 )
 
@@ -378,12 +379,10 @@ def load_hf_part(path: str, cfg: ModelConfig, contents=None) -> ModelParams | Ex
   dt = jnp.dtype(cfg.dtype)
   if contents is None:
     return jax.tree.map(lambda w: w.read().astype(dt), without_experts(weights))
-  contents = np.asarray(contents)
-  held = contents >= 0
-  layers = np.arange(contents.shape[0])[:, None]
+  layers, idx, held = slot_index(contents)
 
   def read(w: _Weight) -> np.ndarray:
-    a = _Weight(w.tensors, w.names[layers, np.where(held, contents, 0)], w.fn).read().astype(dt)
+    a = _Weight(w.tensors, w.names[layers, idx], w.fn).read().astype(dt)
     a[~held] = 0
     return a
 

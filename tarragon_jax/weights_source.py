@@ -26,7 +26,7 @@ from tarragon_jax.checkpoint import (
 )
 from tarragon_jax.config import ModelConfig
 from tarragon_jax.hf_import import CheckpointError, config_from_hf, load_hf_checkpoint, load_hf_part
-from tarragon_jax.layers.params import ExpertParams, ModelParams, slot_experts, without_experts
+from tarragon_jax.layers.params import ExpertParams, ModelParams
 
 # ModelConfig fields that are execution choices, not the weights' architecture.
 _EXECUTION = ("expert_kernel", "capacity_factor")
@@ -97,30 +97,31 @@ def load_weights(directory: str, cfg: ModelConfig, shardings=None,
   return params
 
 
-def load_worker_weights(directory: str, cfg: ModelConfig, contents=None, shardings=None,
+def load_worker_weights(directory: str, cfg: ModelConfig, contents=None,
                         expect: str | None = None,
                         expect_parts: dict | None = None) -> ModelParams | ExpertParams:
   """The part of the weights in `directory` that one worker serves: an AW's (`contents` None:
   every weight but the routed experts, which are None) or an EW's (`contents`, i32[L, S]: its
   expert slots, [L, S, ...]).
 
-  From an orbax checkpoint only that part is read, as host arrays (`checkpoint_parts`), once
-  its stored fingerprint is `expect`. From a Hugging Face checkpoint, which stores none: with
-  `expect_parts` (`part_fingerprints` of the weights served) only the part is read, as host
-  arrays, and checked against its own fingerprints; without, the whole model is loaded onto
-  `shardings`, checked against `expect`, and cut.
+  Only that part is read, as host arrays. An orbax checkpoint's stored fingerprint must be
+  `expect` (checked first, `checkpoint_parts`); a Hugging Face checkpoint stores none, so the
+  part read is checked against `expect_parts` (`part_fingerprints` of the weights served).
 
   Raises:
-    ValueError: the weights are not those expected.
+    ValueError: the weights are not those expected, or `expect` is given for a Hugging Face
+      checkpoint without `expect_parts` (its part could not be checked).
   """
   if not is_hf_checkpoint(directory):
     if contents is None:
       return checkpoint_parts.load_attention(directory, expect=expect)
     return checkpoint_parts.load_experts(directory, contents, expect=expect)
   if expect_parts is None:
-    params = load_weights(directory, cfg, shardings, expect)
-    return without_experts(params) if contents is None else slot_experts(
-        params.layers.moe.experts, contents)
+    if expect is not None:
+      raise ValueError(f"{directory}: a worker's part of a Hugging Face checkpoint is checked "
+                       f"against the fingerprints of the parts (`part_fingerprints`), not the "
+                       f"model's: give expect_parts")
+    return load_hf_part(directory, cfg, contents)
   part = load_hf_part(directory, cfg, contents)
   if contents is None:
     differ = ["the weights outside the routed experts"] * (

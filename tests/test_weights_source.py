@@ -18,7 +18,7 @@ import pytest
 
 import tarragon_jax as tj
 from tarragon_jax import hf_import
-from tarragon_jax.checkpoint import part_fingerprints
+from tarragon_jax.checkpoint import part_fingerprints, weights_fingerprint
 from tarragon_jax.layers.params import slot_experts, without_experts
 from tarragon_jax.mesh.cells import CellPlan
 from tarragon_jax.resilience.faults import parse_faults
@@ -153,6 +153,9 @@ def test_a_worker_reads_only_its_part_of_a_hugging_face_checkpoint(hf, monkeypat
     load_worker_weights(other, cfg, placement.contents[:, 0], expect_parts=parts)
   with pytest.raises(ValueError, match="the weights outside the routed experts differ"):
     load_worker_weights(other, cfg, expect_parts=parts)
+  # The model's fingerprint cannot check a part: refused, not loaded unchecked.
+  with pytest.raises(ValueError, match="give expect_parts"):
+    load_worker_weights(path, cfg, expect=weights_fingerprint(params, cfg))
 
 
 def _assert_same(got, want):

@@ -179,15 +179,21 @@ def without_experts(params: ModelParams) -> ModelParams:
   return dataclasses.replace(params, layers=dataclasses.replace(params.layers, moe=moe))
 
 
+def slot_index(contents) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(layers i32[L, 1], experts i32[L, S], held bool[L, S]) for slots `contents` (i32[L, S],
+  -1: empty): `x[layers, experts]` gathers each slot's expert from a stack [L, E, ...] (an empty
+  slot reads expert 0: mask it with `held`)."""
+  contents = np.asarray(contents)
+  held = contents >= 0
+  return np.arange(contents.shape[0])[:, None], np.where(held, contents, 0), held
+
+
 def slot_experts(experts: ExpertParams, contents) -> ExpertParams:
   """The experts in slots `contents` (i32[L, S]: the logical expert of each slot of each layer,
   -1: an empty slot, zeros), [L, S, ...]: gathered where the weights are (device arrays stay
   on their devices: at real sizes the model's experts never pass through host memory to build
   one EW), host arrays from host arrays."""
-  contents = np.asarray(contents)
-  held = contents >= 0
-  idx = np.where(held, contents, 0)
-  layers = np.arange(contents.shape[0])[:, None]
+  layers, idx, held = slot_index(contents)
 
   def gather(w):
     xp = jnp if isinstance(w, jax.Array) else np

@@ -153,8 +153,7 @@ class Replacements:
                                f"ResilienceConfig.weights_dir")
           contents = None if b.kind == "aw" else e.state.placement.contents[:, b.index]
           params = load_worker_weights(  # (its part only)
-              e.weights_dir, e.cfg, contents,
-              jax.sharding.SingleDeviceSharding(b.cell.devices[0]), expect=e.weights_fingerprint,
+              e.weights_dir, e.cfg, contents, expect=e.weights_fingerprint,
               expect_parts=e.part_fingerprints)
           b.source = "checkpoint"
       w = e.make_worker(b.kind, b.index, b.cell, params)

@@ -106,7 +106,7 @@ def build(spec: dict, host: str = "127.0.0.1"):
   # `fingerprint`, `parts`: the weights the driver serves; a checkpoint holding others is
   # refused.
   contents = None if spec["kind"] == "aw" else np.asarray(spec["contents"])[:, spec["index"]]
-  params = load_worker_weights(spec["weights_dir"], cfg, contents, cell.replicated(),
+  params = load_worker_weights(spec["weights_dir"], cfg, contents,
                                expect=spec.get("fingerprint"), expect_parts=spec.get("parts"))
   # On ZeroMQ arrays arrive as host arrays; pulled with `transfer`, as arrays on this device.
   transfer = spec.get("transport") == "transfer"

@@ -227,4 +227,3 @@ def gathered_kv(cache: KVCache, slots, T: int):
 def _new_positions(cache: KVCache, slots, T: int):
   """i32[B, T]: each row's next T positions, clamped to the cache's last."""
   return jnp.minimum(cache.lengths[slots][:, None] + jnp.arange(T)[None, :], cache.max_len - 1)
-
